@@ -1,0 +1,195 @@
+"""Reading checkpoint files without executing code.
+
+Formats: safetensors (one file, or shards listed by a `*.safetensors.index.json`), and torch pickles (`.pth`,
+`.pt`, `.ckpt`, `.bin`) only through `torch.load(weights_only=True)`, which refuses pickled code. Safetensors are
+memory-mapped: tensors point into the mapped file and pages are read when a tensor is first used, so a model
+loaded with `load_into(..., assign=True)` peaks close to the size of its weights.
+
+Layouts are handled by the model modules (`dit.py`, `vae.py`, `text.py`); this module only offers the shared
+pieces: open a file, strip a known prefix, and load a state dict into a module with errors that name the key.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .errors import CheckpointError
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _check_safetensors_file(path: Path) -> dict:
+    """Parse the header by hand so that a truncated or corrupt file gives a message a user understands."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes); the download is incomplete")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, 100 * 2**20):
+            raise CheckpointError(f"{path} is not a valid safetensors file (corrupt header length); re-download it")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path} has a corrupt safetensors header ({e}); re-download it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header; re-download it")
+    data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + data_len > size:
+        missing = 8 + header_len + data_len - size
+        raise CheckpointError(f"{path} is truncated: {missing} bytes are missing at the end; re-download it")
+    return header
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` strings of a safetensors file ({} for other formats or none)."""
+    path = Path(path)
+    if path.suffix not in SAFETENSORS_SUFFIXES:
+        return {}
+    return dict(_check_safetensors_file(path).get("__metadata__") or {})
+
+
+def _load_safetensors(path: Path) -> StateDict:
+    _check_safetensors_file(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError / OSError for broken files
+        raise CheckpointError(f"{path} could not be read as safetensors: {e}") from None
+
+
+def _load_pickle(path: Path) -> StateDict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "zip" in str(e).lower() or "mmap" in str(e).lower():  # legacy (non-zip) pickles cannot be mapped
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e2:
+                raise CheckpointError(f"{path} could not be loaded safely: {e2}") from None
+        else:
+            raise CheckpointError(f"{path} could not be loaded safely: {e}") from None
+    except Exception as e:  # pickle.UnpicklingError for files that need code execution, EOFError when truncated
+        raise CheckpointError(
+            f"{path} could not be loaded with weights_only=True ({type(e).__name__}: {e}). "
+            "Only plain tensor files are accepted; convert it to safetensors."
+        ) from None
+    for key in ("state_dict", "model", "module"):  # common wrappers around the tensor dict
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a dict of tensors")
+    return obj
+
+
+def _load_sharded(index_path: Path) -> StateDict:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{index_path} is not a valid shard index ({e})") from None
+    state_dict: StateDict = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_path.parent / shard
+        if not shard_path.exists():
+            raise CheckpointError(f"{index_path} lists the shard {shard}, which is missing next to it")
+        state_dict.update(load_state_dict(shard_path))
+    missing = set(weight_map) - set(state_dict)
+    if missing:
+        raise CheckpointError(f"{index_path}: tensors listed in the index are missing from the shards: "
+                              f"{sorted(missing)[:5]}")
+    return state_dict
+
+
+def load_state_dict(path: str | Path) -> StateDict:
+    """All tensors of a checkpoint as a dict; safetensors stay memory-mapped.
+
+    `path` is a file, a `*.index.json` shard index, or a folder holding one index or one weights file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        candidates = sorted(path.glob("*.safetensors.index.json")) or sorted(
+            p for p in path.iterdir() if p.suffix in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
+        if len(candidates) != 1:
+            raise CheckpointError(f"{path} is a folder with {len(candidates)} weight files or shard indexes; "
+                                  "point to one file")
+        path = candidates[0]
+    if path.name.endswith(".index.json"):
+        return _load_sharded(path)
+    if path.suffix in SAFETENSORS_SUFFIXES:
+        return _load_safetensors(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        return _load_pickle(path)
+    raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; "
+                          f"use one of {SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES}")
+
+
+def strip_prefix(state_dict: StateDict, prefixes: tuple[str, ...], anchor: str) -> StateDict:
+    """Remove the first prefix p for which `p + anchor` is a key (anchor: a key every file of the family has).
+
+    Returns the dict unchanged when the anchor is present without a prefix; keys outside the prefix are dropped
+    (a full ComfyUI checkpoint also holds the VAE and the text encoder).
+    """
+    if anchor in state_dict:
+        return state_dict
+    for prefix in prefixes:
+        if prefix + anchor in state_dict:
+            n = len(prefix)
+            return {k[n:]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return state_dict
+
+
+def is_scaled_fp8(state_dict: StateDict) -> bool:
+    """ComfyUI's "scaled fp8" files carry a `scaled_fp8` marker tensor and per-layer `scale_weight` scalars."""
+    return any(k == "scaled_fp8" or k.endswith(".scaled_fp8") for k in state_dict)
+
+
+def load_into(module: nn.Module, state_dict: StateDict, *, what: str, source: str | Path = "checkpoint",
+              ignore: tuple[str, ...] = ()) -> None:
+    """Load tensors into `module` by assignment (no copy, dtype as stored), checking every name and shape.
+
+    fp8 "scaled" files: a `<layer>.scale_weight` key becomes that layer's `scale_weight` buffer (see `ops.Linear`).
+    Keys named in `ignore` (exact names) are dropped. Errors name the first offending key and the file.
+    """
+    state_dict = {k: v for k, v in state_dict.items()
+                  if k not in ignore and k != "scaled_fp8" and not k.endswith(".scale_input")}
+    own = module.state_dict(keep_vars=True)
+    scale_keys = [k for k in state_dict if k.endswith(".scale_weight") and k not in own]
+    for key in scale_keys:
+        layer = module.get_submodule(key[: -len(".scale_weight")]) if _has_submodule(module, key) else None
+        if layer is None or not hasattr(layer, "scale_weight"):
+            raise CheckpointError(f"{source}: {key} scales a layer this {what} does not have")
+        layer.scale_weight = torch.empty((), dtype=torch.float32, device="meta")
+    own = module.state_dict(keep_vars=True)
+    missing = [k for k in own if k not in state_dict and not k.endswith(".scale_weight")]
+    unexpected = [k for k in state_dict if k not in own]
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r} for a {what} "
+                              f"({len(unexpected)} unexpected in all); is this the right kind of file?")
+    if missing:
+        raise CheckpointError(f"{source}: the {what} needs {missing[0]!r}, which the file lacks "
+                              f"({len(missing)} missing in all); the file is incomplete or of another model")
+    for key, value in state_dict.items():
+        expected = own[key].shape
+        if value.shape != expected:
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {list(value.shape)}, "
+                                  f"the {what} expects {list(expected)}")
+    module.load_state_dict(state_dict, strict=False, assign=True)
+
+
+def _has_submodule(module: nn.Module, key: str) -> bool:
+    try:
+        module.get_submodule(key.rsplit(".", 1)[0])
+        return True
+    except AttributeError:
+        return False
