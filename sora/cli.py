@@ -1,0 +1,89 @@
+"""The `sora` command (also `python -m sora`).
+
+    sora run WORKFLOW.json [--set NODE_ID.INPUT=VALUE ...] [--output-dir DIR] [--models-dir DIR]
+
+runs a workflow of this pack's nodes with no ComfyUI installed. Progress goes to stderr, the paths of the written
+files to stdout. Exit codes: 0 success, 1 an error the user can fix (one line, no traceback), 2 bad command-line
+usage, 130 stopped by Ctrl-C. Unexpected exceptions (bugs) keep their full traceback.
+
+Each subcommand is a function that adds its parser and sets `handler(args) -> exit code`; more can sit next to
+`add_run_command` and be added in `build_parser`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import runtime
+from .errors import Interrupted, SoraError
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _node_classes() -> dict:
+    """This pack's node classes; modules that failed to import are reported and left out."""
+    from .nodes import load_node_mappings
+    classes, _, failures = load_node_mappings()
+    for module, error in failures.items():
+        _say(f"warning: node module {module} could not be loaded ({type(error).__name__}: {error}); "
+             "its nodes are unavailable")
+    return classes
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """`sora run`: validate and run one workflow (with `args.node_classes`, or this pack's nodes when None)."""
+    from .workflow import run_workflow
+    runtime.configure(output_dir=args.output_dir, models_dir=args.models_dir)
+    classes = _node_classes() if args.node_classes is None else args.node_classes
+    with runtime.ctrl_c_interrupts():
+        result = run_workflow(args.workflow, classes, args.set, report=_say)
+    for path in result.files:
+        print(path, flush=True)
+    if not result.files:
+        _say("done; the output nodes reported no files")
+    return 0
+
+
+def add_run_command(commands: argparse._SubParsersAction) -> None:
+    run = commands.add_parser("run", help="run a workflow (API or UI format JSON) of this pack's nodes",
+                              description="Validate a workflow, then run its output nodes and what they need.")
+    run.add_argument("workflow", help="workflow JSON file, in ComfyUI's API or UI (saved) format")
+    run.add_argument("--set", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
+                     help="override one input, e.g. --set 3.seed=42 --set 6.text='a red ball'; VALUE is read as "
+                          "JSON when it parses, else as text (repeatable)")
+    run.add_argument("--output-dir", default="output", help="where outputs are written (default: ./output)")
+    run.add_argument("--models-dir", default="models",
+                     help="model root: files in DIR/diffusion_models, DIR/text_encoders, DIR/vae, DIR/LLM "
+                          "(default: ./models)")
+    run.set_defaults(handler=run_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sora", description="Sora-style video DiT: headless tools.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_run_command(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, node_classes: dict | None = None) -> int:
+    """Entry point of the console script; returns the exit code. `node_classes` replaces the pack's nodes
+    (for embedding the runner in another program, or testing it with other node classes)."""
+    args = build_parser().parse_args(argv)
+    args.node_classes = node_classes
+    try:
+        return args.handler(args)
+    except Interrupted as e:
+        _say(f"interrupted: {e}")
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        _say("aborted")
+        return EXIT_INTERRUPTED
+    except SoraError as e:
+        _say(f"error: {e}")
+        return EXIT_ERROR
+
