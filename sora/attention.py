@@ -1,0 +1,95 @@
+"""The one place where attention is computed, with a choice of kernel.
+
+Backends:
+- "sdpa": PyTorch's `scaled_dot_product_attention`, always available (CPU and GPU; the default).
+- "flash_attn": Dao-AILab's flash-attn 2, on CUDA with the package installed.
+- "sageattn": SageAttention (quantised attention), on CUDA with the package installed.
+
+flash-attn and SageAttention only take fp16/bf16; other inputs run in bf16 there, as the Wan reference does,
+and the result comes back in the query's dtype.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+BACKENDS = ("sdpa", "flash_attn", "sageattn")
+
+_PACKAGES = {  # backend -> (module to import, how to install it)
+    "flash_attn": ("flash_attn", "pip install flash-attn --no-build-isolation"),
+    "sageattn": ("sageattention", "pip install sageattention"),
+}
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process: "sdpa" always, the others with their package and a CUDA device."""
+    found = ["sdpa"]
+    for name, (module, _) in _PACKAGES.items():
+        if torch.cuda.is_available() and importlib.util.find_spec(module) is not None:
+            found.append(name)
+    return found
+
+
+def check_backend(name: str) -> None:
+    """Raise InputError unless `name` is a backend this process can run, saying how to get it."""
+    if name not in BACKENDS:
+        raise InputError(f"unknown attention backend {name!r}; choose one of {available_backends()}")
+    if name in available_backends():
+        return
+    module, install = _PACKAGES[name]
+    if importlib.util.find_spec(module) is None:
+        reason = f"the {module} package is not installed (install it with `{install}`)"
+    else:
+        reason = "it needs a CUDA GPU and none is available"
+    raise InputError(f"attention backend {name!r} is not available: {reason}. "
+                     f"Available here: {available_backends()}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_lengths: torch.Tensor | None = None,
+              backend: str = "sdpa") -> torch.Tensor:
+    """Softmax attention with scale 1/sqrt(head_dim), no causal mask.
+
+    q [B, Lq, heads, d], k and v [B, Lk, heads, d]; key_lengths [B] (optional): keys at positions >= the
+    sample's length are ignored (padding). Returns [B, Lq, heads, d] in q's dtype.
+    """
+    if backend == "sdpa":
+        return _sdpa(q, k, v, key_lengths)
+    check_backend(backend)
+    if q.device.type != "cuda":
+        raise InputError(f"attention backend {backend!r} runs on CUDA only; the model is on {q.device}. "
+                         "Use attention='sdpa' on this device")
+    kernel = _flash if backend == "flash_attn" else _sage
+    if key_lengths is None:
+        return kernel(q, k, v)
+    # These kernels take no key mask: attend to each sample's real keys on their own.
+    return torch.cat([kernel(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n])
+                      for b, n in enumerate(key_lengths.tolist())])
+
+
+def _sdpa(q, k, v, key_lengths):
+    mask = None
+    if key_lengths is not None:
+        positions = torch.arange(k.shape[1], device=k.device)
+        mask = (positions[None, :] < key_lengths[:, None].to(k.device))[:, None, None, :]  # [B, 1, 1, Lk]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)  # [B, Lq, heads, d]
+
+
+def _half(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float16, torch.bfloat16) else x.to(torch.bfloat16)
+
+
+def _flash(q, k, v):
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func(_half(q), _half(k), _half(v)).to(q.dtype)
+
+
+def _sage(q, k, v):
+    from sageattention import sageattn
+
+    return sageattn(_half(q), _half(k), _half(v), tensor_layout="NHD", is_causal=False).to(q.dtype)

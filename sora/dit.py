@@ -1,0 +1,604 @@
+"""The spacetime-patch diffusion transformer of Wan 2.1 / 2.2, and loading its checkpoints.
+
+A video latent [C, T, H, W] is cut into (1, 2, 2) spacetime patches, one token each. Every block runs
+self-attention over all tokens of the clip (3D RoPE gives each token its frame, row and column), cross-attention
+to the text, and a feed-forward layer; the timestep enters through a 6-way shift/scale/gate modulation of each
+block. The head predicts the flow-matching velocity v = noise - x0 of every patch.
+
+Facts (names, shapes, constants, precision) follow the reference (`Wan-Video/Wan2.1` and `Wan2.2`
+`wan/modules/model.py`), summarised in ARCH_FACTS §1. Module attribute names equal the original checkpoint keys, so
+a Wan state dict loads without renaming.
+
+Precision (§1.4): the time embedding, every modulation, the layer norms, the residual stream and the head run in
+float32; the other matmuls and attention run in the compute dtype chosen with `WanDiT.set_compute`.
+
+Layout of this file: config and presets, layers, the model, then checkpoint loading.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .attention import attention, check_backend
+from .checkpoints import StateDict, load_into, load_state_dict, read_metadata, strip_prefix
+from .errors import CheckpointError, InputError
+from .rope import apply_rope, rope_table
+
+# ------------------------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------------------------
+
+MODEL_TYPES = ("t2v", "i2v", "ti2v", "flf2v")
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Shape of a Wan DiT. Defaults are Wan 2.1 T2V-14B; `PRESETS` holds the released sizes.
+
+    model_type: 't2v' | 'ti2v' | 'i2v' (Wan 2.2 I2V-A14B: the conditioning latent and mask are concatenated to the
+    noisy latent, in_dim 36, no image encoder) | 'flf2v' (Wan 2.1's CLIP image branch: not supported yet).
+    latent_format: key of sora.latent_formats.FORMATS the model works in.
+    per_token_timesteps: the model was trained with a timestep per token, so tokens given t=0 stay clean
+    (Wan 2.2 TI2V-5B, nano); samplers use it to decide how to keep known frames.
+    """
+
+    model_type: str = "t2v"
+    in_dim: int = 16  # latent channels in (36 for i2v: 16 noisy + 4 mask + 16 conditioning)
+    out_dim: int = 16  # velocity channels out
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40  # head size dim / num_heads is 128 in every released Wan model
+    num_layers: int = 40
+    text_dim: int = 4096  # umT5-XXL width
+    text_len: int = 512  # context rows the model was trained with; shorter contexts are zero-padded
+    freq_dim: int = 256  # size of the sinusoidal timestep embedding
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (frames, rows, cols) per token
+    eps: float = 1e-6
+    rope_max_len: int = 1024  # RoPE positions per axis
+    latent_format: str = "wan21"
+    per_token_timesteps: bool = False
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise InputError(f"model_type {self.model_type!r} is not one of {MODEL_TYPES}")
+        if self.model_type == "flf2v":
+            raise InputError("Wan 2.1 FLF2V (CLIP image branch) is not supported yet")
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            raise InputError(f"dim {self.dim} must split into {self.num_heads} heads of an even size")
+        if len(self.patch_size) != 3:
+            raise InputError(f"patch_size must be (frames, rows, cols), got {self.patch_size}")
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+_WAN21_1_3B = DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
+PRESETS: dict[str, DiTConfig] = {
+    "wan21_t2v_1_3b": _WAN21_1_3B,
+    "wan21_t2v_14b": DiTConfig(),
+    "wan22_ti2v_5b": DiTConfig(model_type="ti2v", in_dim=48, out_dim=48, dim=3072, ffn_dim=14336, num_heads=24,
+                               num_layers=30, latent_format="wan22", per_token_timesteps=True),
+    "wan22_t2v_a14b": DiTConfig(),  # each of the high- and low-noise experts
+    "wan22_i2v_a14b": DiTConfig(model_type="i2v", in_dim=36),
+    # A few-thousand-parameter model with the 1.3B's structure, for tests.
+    "tiny": DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=24, text_len=8, freq_dim=16),
+}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Layers
+# ------------------------------------------------------------------------------------------------------------------
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[N] timesteps -> [N, dim] float32 [cos(t·f), sin(t·f)], f_j = 10000^(-j / (dim/2)), computed in float64."""
+    half = dim // 2
+    freqs = 10000.0 ** (-torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t.double(), freqs)
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+
+def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without parameters (norm1, norm2 and the head's norm), in float32."""
+    return F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the full width (all heads at once), statistic in float32, result in the input's dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Affine LayerNorm in float32 whatever the stored dtype of its weights (norm3, before cross-attention)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with q/k RMSNorm; self-attention (with RoPE) or cross-attention (without)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.backend = "sdpa"
+        self.q = ops.Linear(dim, dim)
+        self.k = ops.Linear(dim, dim)
+        self.v = ops.Linear(dim, dim)
+        self.o = ops.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor, rotations: torch.Tensor | None = None,
+                key_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, dim] attends to source [B, S, dim]; rotations [B or 1, L, head_dim/2] when L == S (RoPE)."""
+        q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, -1))  # [B, L, heads, head_dim]
+        k = self.norm_k(self.k(source)).unflatten(2, (self.num_heads, -1))  # [B, S, heads, head_dim]
+        v = self.v(source).unflatten(2, (self.num_heads, -1))
+        if rotations is not None:
+            q, k = apply_rope(q, rotations), apply_rope(k, rotations)
+        out = attention(q, k, v, key_lengths=key_lengths, backend=self.backend)
+        return self.o(out.flatten(2))
+
+
+class WanBlock(nn.Module):
+    """Modulated self-attention, cross-attention to the text, modulated feed-forward.
+
+    The norms are used in the order norm1 (self-attention), norm3 (cross-attention, affine), norm2 (FFN): the
+    reference's names. Only norm3 has parameters.
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim = config.dim
+        self.eps = config.eps
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.self_attn = Attention(dim, config.num_heads, config.eps)
+        self.norm3 = LayerNorm(dim, config.eps)
+        self.cross_attn = Attention(dim, config.num_heads, config.eps)
+        self.ffn = nn.Sequential(ops.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"),
+                                 ops.Linear(config.ffn_dim, dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, e0: torch.Tensor, t_index: torch.Tensor,
+                rotations: torch.Tensor, key_lengths: torch.Tensor | None) -> torch.Tensor:
+        """x [B, L, dim] float32 -> same.
+
+        context [B, text_len, dim]; e0 [U, 6, dim] projected embeddings of the U distinct timesteps; t_index
+        [B, 1 or L] which of them each sample or token has; rotations and key_lengths as in `Attention`.
+        """
+        mod = self.modulation.float() + e0  # [U, 6, dim]: shift, scale, gate (attention), shift, scale, gate (FFN)
+        shift, scale, gate = (mod[:, i][t_index] for i in range(3))  # each [B, 1 or L, dim]
+        h = torch.addcmul(shift, _layer_norm(x, self.eps), 1 + scale)
+        x = torch.addcmul(x, self.self_attn(h, h, rotations, key_lengths).float(), gate)
+
+        x = x + self.cross_attn(self.norm3(x), context).float()
+
+        shift, scale, gate = (mod[:, i][t_index] for i in range(3, 6))
+        h = torch.addcmul(shift, _layer_norm(x, self.eps), 1 + scale)
+        return torch.addcmul(x, self.ffn(h).float(), gate)
+
+
+class Head(nn.Module):
+    """Final norm with a 2-way shift/scale modulation from the raw time embedding, then a Linear to patches."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.eps = config.eps
+        self.modulation = nn.Parameter(torch.randn(1, 2, config.dim) / config.dim**0.5)
+        self.head = ops.Linear(config.dim, config.out_dim * math.prod(config.patch_size))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, t_index: torch.Tensor) -> torch.Tensor:
+        """x [B, L, dim], e [U, dim] -> [B, L, prod(patch_size)·out_dim] float32."""
+        mod = self.modulation.float() + e[:, None]  # [U, 2, dim]
+        shift, scale = mod[:, 0][t_index], mod[:, 1][t_index]
+        return self.head(torch.addcmul(shift, _layer_norm(x, self.eps), 1 + scale)).float()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------------------------
+
+class WanDiT(nn.Module):
+    """The Wan 2.1 / 2.2 text-to-video diffusion transformer.
+
+    `forward(x, timestep, context)` returns the velocity. Build with a `DiTConfig`, or load a file with `load_dit`.
+    """
+
+    # Read by memory management: these stay float32 whatever the compute dtype; blocks repeat and stream.
+    _keep_in_fp32_modules = ("time_embedding", "time_projection", "head")
+    _repeated_blocks = ("WanBlock",)
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_dim, dim, config.patch_size, stride=config.patch_size)
+        self.text_embedding = nn.Sequential(ops.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"),
+                                            ops.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(ops.Linear(config.freq_dim, dim), nn.SiLU(), ops.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), ops.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
+        self.head = Head(config)
+        self.compute_dtype = torch.float32
+        self.attention_backend = "sdpa"
+        self.set_compute(dtype=torch.float32)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """The reference initialisation (Wan `init_weights`): Xavier-uniform Linears and patch embedding, zero
+        biases, N(0, 0.02) text and time embeddings, a zero head so that a fresh model predicts v = 0."""
+        if self.patch_embedding.weight.is_meta:
+            return
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for m in (*self.text_embedding.modules(), *self.time_embedding.modules()):
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    def set_compute(self, *, dtype: torch.dtype | None = None, attention: str | None = None) -> None:
+        """Choose the matmul dtype (float32, bfloat16, float16) and the attention backend; None keeps the current.
+
+        The time embedding, modulation, norms, residual stream and head stay float32 (reference precision policy).
+        """
+        if dtype is not None:
+            if dtype not in COMPUTE_DTYPES:
+                raise InputError(f"compute dtype {dtype} is not supported; use one of {COMPUTE_DTYPES}")
+            ops.set_compute_dtype(self, dtype)
+            for name in self._keep_in_fp32_modules:
+                ops.set_compute_dtype(self.get_submodule(name), torch.float32)
+            self.compute_dtype = dtype
+        if attention is not None:
+            check_backend(attention)
+            for m in self.modules():
+                if isinstance(m, Attention):
+                    m.backend = attention
+            self.attention_backend = attention
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor], timestep: torch.Tensor,
+                context: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Velocity v = noise - x0 for a batch of normalised latents.
+
+        x: [B, in_dim, T, H, W], or a list of B latents [in_dim, T_i, H_i, W_i] of different sizes (they are run
+           as one padded batch whose padding keys are masked); each size divisible by `patch_size`.
+        timestep: σ·1000 as float, shaped [B] (per sample), [B, T] (per latent frame) or [B, L] (per token;
+           L = tokens of the patch grid, the longest sample's for a list).
+        context: [B, L_txt, text_dim] text states with L_txt <= text_len; zero-padded to text_len here and attended
+           to without a key mask, as the model was trained.
+        Returns float32 [B, out_dim, T, H, W] (a list of [out_dim, T_i, H_i, W_i] for list input).
+        """
+        samples = list(x) if isinstance(x, (list, tuple)) else None
+        if samples is None:
+            if x.ndim != 5:
+                raise InputError(f"x must be [B, C, T, H, W] or a list of [C, T, H, W]; got shape {list(x.shape)}")
+            tokens, grid = self._embed_patches(x)  # [B, L, dim]
+            grids = [grid] * x.shape[0]
+            rotations = rope_table(grid, self.config.head_dim, max_len=self.config.rope_max_len,
+                                   device=x.device)[None]  # [1, L, head_dim/2]
+            key_lengths = None
+            device = x.device
+        else:
+            if not samples:
+                raise InputError("x is an empty list")
+            tokens, grids, rotations, key_lengths = self._embed_list(samples)
+            device = samples[0].device
+        B, L, _ = tokens.shape
+
+        t_tokens = _token_timesteps(torch.as_tensor(timestep, device=device), grids, L)  # [B, 1 or L]
+        t_values, t_index = torch.unique(t_tokens, return_inverse=True)  # [U], [B, 1 or L]
+        e = self.time_embedding(sinusoidal_embedding(t_values, self.config.freq_dim)).float()  # [U, dim]
+        e0 = self.time_projection(e).float().unflatten(1, (6, -1))  # [U, 6, dim]
+
+        context = self.text_embedding(self._pad_context(context.to(device), B))  # [B, text_len, dim]
+
+        for block in self.blocks:
+            tokens = block(tokens, context, e0, t_index, rotations, key_lengths)
+
+        out = self.head(tokens, e, t_index)  # [B, L, prod(patch)·out_dim]
+        if samples is None:
+            return self._unpatchify(out, grids[0])
+        return [self._unpatchify(out[i:i + 1, :math.prod(g)], g)[0] for i, g in enumerate(grids)]
+
+    # -- forward helpers -------------------------------------------------------------------------------------------
+
+    def _embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[B, in_dim, T, H, W] -> tokens [B, L, dim] float32 in row-major (f, h, w) order, and the patch grid.
+
+        The Conv3d's kernel equals its stride, so it is one matmul over flattened patches; flattening in the
+        weight's (C, pt, ph, pw) order gives the tokens contiguous, with no transpose after the conv.
+        """
+        B, C, T, H, W = x.shape
+        pt, ph, pw = self.config.patch_size
+        if C != self.config.in_dim:
+            raise InputError(f"the model takes {self.config.in_dim} latent channels, got {C}")
+        if T % pt or H % ph or W % pw:
+            raise InputError(f"latent size (T, H, W) = {(T, H, W)} must be divisible by the patch {(pt, ph, pw)}")
+        grid = (T // pt, H // ph, W // pw)
+        patches = x.reshape(B, C, grid[0], pt, grid[1], ph, grid[2], pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        patches = patches.reshape(B, math.prod(grid), C * pt * ph * pw)
+        dtype = self.compute_dtype
+        weight = self.patch_embedding.weight.to(dtype).flatten(1)  # [dim, C·pt·ph·pw]
+        tokens = F.linear(patches.to(dtype), weight, self.patch_embedding.bias.to(dtype))
+        return tokens.float(), grid
+
+    def _embed_list(self, samples: list[torch.Tensor]):
+        """Embed latents of different sizes and right-pad them to the longest; padding is never rotated."""
+        embedded, grids, tables = [], [], []
+        for sample in samples:
+            if sample.ndim != 4:
+                raise InputError(f"each latent of a list must be [C, T, H, W]; got shape {list(sample.shape)}")
+            tokens, grid = self._embed_patches(sample[None])
+            embedded.append(tokens[0])
+            grids.append(grid)
+            tables.append(rope_table(grid, self.config.head_dim, max_len=self.config.rope_max_len,
+                                     device=tokens.device))
+        lengths = torch.tensor([t.shape[0] for t in embedded], device=embedded[0].device)
+        L = int(lengths.max())
+        tokens = torch.stack([F.pad(t, (0, 0, 0, L - t.shape[0])) for t in embedded])  # [B, L, dim]
+        rotations = torch.stack([F.pad(r, (0, 0, 0, L - r.shape[0]), value=1.0) for r in tables])  # [B, L, d/2]
+        return tokens, grids, rotations, lengths
+
+    def _pad_context(self, context: torch.Tensor, batch: int) -> torch.Tensor:
+        """[B, L_txt, text_dim] -> [B, text_len, text_dim] with zero rows appended."""
+        cfg = self.config
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.text_dim:
+            raise InputError(f"context must be [{batch}, L, {cfg.text_dim}] (batch, tokens, text width); "
+                             f"got {list(context.shape)}")
+        if context.shape[1] > cfg.text_len:
+            raise InputError(f"context has {context.shape[1]} tokens; this model takes at most {cfg.text_len}")
+        return F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
+
+    def _unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, L, pt·ph·pw·C] with C fastest -> [B, C, T, H, W]."""
+        B = out.shape[0]
+        f, h, w = grid
+        pt, ph, pw = self.config.patch_size
+        out = out.reshape(B, f, h, w, pt, ph, pw, self.config.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(B, self.config.out_dim, f * pt, h * ph, w * pw)
+
+
+def _token_timesteps(timestep: torch.Tensor, grids: list[tuple[int, int, int]], length: int) -> torch.Tensor:
+    """Timesteps per sample [B], per latent frame [B, T] or per token [B, L] -> [B, 1] or [B, length] float."""
+    B = len(grids)
+    t = timestep.float()
+    if t.ndim == 0:
+        return t.expand(B, 1)
+    if t.shape[0] != B or t.ndim > 2:
+        raise InputError(f"timestep must be [B], [B, T] or [B, L] with B = {B}; got {list(t.shape)}")
+    if t.ndim == 1:
+        return t[:, None]
+    if t.shape[1] == length:
+        return t
+    if all(g[0] == t.shape[1] for g in grids):
+        per_token = [t[i].repeat_interleave(g[1] * g[2]) for i, g in enumerate(grids)]  # frame-major token order
+        return torch.stack([F.pad(p, (0, length - p.shape[0])) for p in per_token])
+    frames = sorted({g[0] for g in grids})
+    raise InputError(f"timestep has {t.shape[1]} values per sample; expected 1, the latent frames ({frames}) "
+                     f"or the tokens ({length})")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------------------------
+
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.")
+ANCHOR = "head.modulation"  # every Wan DiT file has it
+DIFFUSERS_ANCHOR = "condition_embedder.time_proj.weight"
+
+# diffusers `WanTransformer3DModel` -> original names; applied to module paths (the last key part is kept) or to
+# whole parameter names. Note the norm swap: diffusers' norm2 is the affine pre-cross-attention norm3.
+DIFFUSERS_TOP_LEVEL = {
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "condition_embedder.image_embedder.norm1": "img_emb.proj.0",
+    "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+    "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
+    "condition_embedder.image_embedder.norm2": "img_emb.proj.4",
+    "condition_embedder.image_embedder.pos_embed": "img_emb.emb_pos",
+    "patch_embedding": "patch_embedding",
+    "scale_shift_table": "head.modulation",
+    "proj_out": "head.head",
+    "scaled_fp8": "scaled_fp8",
+}
+DIFFUSERS_BLOCK = {
+    "scale_shift_table": "modulation",
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn1.norm_q": "self_attn.norm_q",
+    "attn1.norm_k": "self_attn.norm_k",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "attn2.norm_q": "cross_attn.norm_q",
+    "attn2.norm_k": "cross_attn.norm_k",
+    "attn2.add_k_proj": "cross_attn.k_img",
+    "attn2.add_v_proj": "cross_attn.v_img",
+    "attn2.norm_added_k": "cross_attn.norm_k_img",
+    "norm2": "norm3",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
+_BLOCK_KEY = re.compile(r"(blocks\.\d+\.)(.+)")
+
+
+def convert_diffusers(state_dict: StateDict) -> StateDict:
+    """Rename a diffusers-layout Wan transformer state dict to the original layout (tensors are not copied)."""
+    converted = {}
+    for key, value in state_dict.items():
+        match = _BLOCK_KEY.fullmatch(key)
+        prefix, rest, table = (match[1], match[2], DIFFUSERS_BLOCK) if match else ("", key, DIFFUSERS_TOP_LEVEL)
+        module, _, leaf = rest.rpartition(".")
+        if rest in table:
+            new = table[rest]
+        elif module in table:
+            new = f"{table[module]}.{leaf}"
+        elif rest.endswith("norm_added_q.weight"):  # an unused tensor some diffusers files carry
+            continue
+        else:
+            raise CheckpointError(f"unknown tensor {key!r} in a diffusers-layout Wan transformer")
+        converted[prefix + new] = value
+    return converted
+
+
+# What other model files look like, to say what a wrong file is: (key fragment, description).
+_OTHER_MODELS = (
+    ("decoder.conv1", "a video VAE; load it with the VAE loader"),
+    ("encoder.downsamples", "a video VAE; load it with the VAE loader"),
+    ("encoder.down_blocks", "a VAE in diffusers layout; load it with the VAE loader"),
+    ("shared.weight", "a T5 text encoder; load it with the text encoder loader"),
+    ("encoder.block.0.layer.0", "a T5 text encoder; load it with the text encoder loader"),
+    ("token_embedding", "a text encoder; load it with the text encoder loader"),
+    ("embeddings.word_embeddings", "a BERT-style text encoder; load it with the text encoder loader"),
+    ("vision_model.", "a CLIP vision encoder, which this pack does not use"),
+    ("visual.", "a CLIP model, which this pack does not use"),
+    ("spatial_blocks.", "an Open-Sora STDiT, which is not supported"),
+    ("x_embedder.", "an Open-Sora / DiT-style model, which is not supported"),
+    ("double_blocks.", "an MMDiT (Open-Sora 2.0 / Flux / HunyuanVideo style), which is not supported"),
+)
+
+# Wan families whose extra tensors this model does not have: (key fragment, what it is).
+_UNSUPPORTED_WAN = (
+    ("img_emb.emb_pos", "Wan 2.1 first-last-frame-to-video (FLF2V, CLIP image branch)"),
+    ("img_emb.", "Wan 2.1 image-to-video with the CLIP image branch (I2V-14B 480P/720P)"),
+    ("vace_", "Wan 2.1 VACE"),
+    ("audio_", "Wan 2.2 speech-to-video (S2V)"),
+    ("casual_audio_encoder", "Wan 2.2 speech-to-video (S2V)"),
+)
+
+# safetensors metadata a file may carry (our own files: the nano model); values are strings.
+_METADATA_FIELDS = {"model_type": str, "num_heads": int, "text_len": int, "eps": float, "rope_max_len": int,
+                    "latent_format": str, "per_token_timesteps": lambda s: s.lower() in ("1", "true", "yes")}
+FAMILIES = ("wan", "nano")
+
+
+def detect_config(state_dict: StateDict, metadata: dict[str, str] | None = None) -> DiTConfig:
+    """Read the model shape from tensor names and shapes (original key layout), and `sora.*` metadata if any.
+
+    Metadata: `sora.family` ('wan' by default, or 'nano' for the embedded model: latent format 'nano', per-token
+    timesteps) and optional `sora.<field>` overrides for model_type, num_heads, text_len, eps, rope_max_len,
+    latent_format, per_token_timesteps. Without `sora.num_heads`, heads have 128 channels as in every Wan release.
+    """
+    sd = state_dict
+    metadata = metadata or {}
+    if ANCHOR not in sd:
+        _raise_not_a_dit(sd)
+    for fragment, family in _UNSUPPORTED_WAN:
+        if any(fragment in key for key in sd):
+            raise CheckpointError(f"this is a {family} checkpoint, which is not supported yet; "
+                                  "use a Wan 2.1 / 2.2 text-to-video, TI2V-5B or I2V-A14B file")
+    family = metadata.get("sora.family", "wan")
+    if family not in FAMILIES:
+        raise CheckpointError(f"sora.family {family!r} in the file's metadata is not one of {FAMILIES}")
+    for key in ("patch_embedding.weight", "head.head.weight", "text_embedding.0.weight", "time_embedding.0.weight",
+                "blocks.0.ffn.0.weight"):
+        if key not in sd:
+            raise CheckpointError(f"the Wan DiT file lacks {key!r}; it is incomplete or of another model")
+
+    dim = sd[ANCHOR].shape[-1]
+    patch = tuple(sd["patch_embedding.weight"].shape[2:])
+    in_dim = sd["patch_embedding.weight"].shape[1]
+    out_dim = sd["head.head.weight"].shape[0] // math.prod(patch)
+    values = dict(in_dim=in_dim, out_dim=out_dim, dim=dim, ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0],
+                  num_layers=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}),
+                  text_dim=sd["text_embedding.0.weight"].shape[1], freq_dim=sd["time_embedding.0.weight"].shape[1],
+                  patch_size=patch)
+    if family == "nano":
+        values.update(model_type="t2v", latent_format="nano", per_token_timesteps=True)
+    elif in_dim == out_dim == 48:
+        values.update(model_type="ti2v", latent_format="wan22", per_token_timesteps=True)
+    elif in_dim == out_dim == 16:
+        values.update(model_type="t2v", latent_format="wan21", per_token_timesteps=False)
+    elif (in_dim, out_dim) == (36, 16):
+        values.update(model_type="i2v", latent_format="wan21", per_token_timesteps=False)
+    else:
+        raise CheckpointError(f"unknown Wan variant: {in_dim} input and {out_dim} output latent channels "
+                              "(known: 16/16 text-to-video, 48/48 TI2V-5B, 36/16 I2V-A14B)")
+    for name, parse in _METADATA_FIELDS.items():
+        if f"sora.{name}" in metadata:
+            values[name] = parse(metadata[f"sora.{name}"])
+    if "num_heads" not in values:
+        if dim % 128:
+            raise CheckpointError(f"width {dim} is not a multiple of 128, so the head count cannot be inferred; "
+                                  "write it in the file's metadata as sora.num_heads")
+        values["num_heads"] = dim // 128
+    return DiTConfig(**values)
+
+
+def _raise_not_a_dit(sd: StateDict):
+    for fragment, description in _OTHER_MODELS:
+        example = next((k for k in sd if fragment in k), None)
+        if example is not None:
+            raise CheckpointError(f"this is not a Wan DiT: it looks like {description} (it has {example!r})")
+    sample = sorted(sd)[:3]
+    raise CheckpointError(f"this is not a Wan DiT (no {ANCHOR!r}; the first keys are {sample})")
+
+
+def to_original_layout(state_dict: StateDict) -> StateDict:
+    """Any supported layout (original, prefixed, diffusers) -> original Wan key names."""
+    sd = strip_prefix(state_dict, PREFIXES, ANCHOR)
+    if ANCHOR in sd:
+        return sd
+    sd = strip_prefix(state_dict, PREFIXES, DIFFUSERS_ANCHOR)
+    if DIFFUSERS_ANCHOR in sd:
+        return convert_diffusers(sd)
+    return sd
+
+
+def load_dit(path: str | Path, *, weight_dtype: torch.dtype | None = None,
+             compute_dtype: torch.dtype = torch.bfloat16, attention: str = "sdpa",
+             device: torch.device | str = "cpu") -> WanDiT:
+    """Load a Wan DiT file into a `WanDiT` in eval mode, its shape detected from the tensors.
+
+    path: safetensors file, sharded `*.index.json` (or its folder), or `.pth` (read with weights_only=True);
+      original, ComfyUI-prefixed or diffusers key layout; fp8 and ComfyUI "scaled fp8" weights stay in fp8.
+    weight_dtype: store the Linear weights in this dtype (None: as in the file).
+    compute_dtype: matmul dtype (float32, bfloat16, float16); attention: a backend of `sora.attention`.
+    The model is built on the meta device and the file's tensors are assigned into it, so loading needs about
+    the weights' size in memory.
+    """
+    check_backend(attention)
+    state_dict = to_original_layout(load_state_dict(path))
+    try:
+        config = detect_config(state_dict, read_metadata(path))
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    with torch.device("meta"):
+        model = WanDiT(config)
+    load_into(model, state_dict, what="Wan DiT", source=path)
+    if weight_dtype is not None:
+        ops.cast_weights(model, weight_dtype)
+    model.to(device)
+    model.set_compute(dtype=compute_dtype, attention=attention)
+    return model.eval().requires_grad_(False)
+
