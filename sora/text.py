@@ -170,8 +170,8 @@ class TextEncoder:
         """The model on `device`, (re)loaded from its files after `unload` or moved back after `offload`."""
         if self._model is None:
             self._model = self._load_model()
-        first = next(self._model.parameters())
-        if first.device != self.device:
+        where = next(self._model.parameters()).device
+        if where.type != self.device.type or self.device.index not in (None, where.index):  # "cuda" is any cuda:N
             self._model.to(self.device)
         return self._model
 
