@@ -24,13 +24,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .checkpoints import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from .errors import InputError, Interrupted
 
 MODEL_KINDS = ("diffusion_models", "text_encoders", "vae", "LLM")
 # What a model folder lists: weight files, shard indexes, GGUF files (the prompt-expansion LLM) and model
 # folders in the Hugging Face layout (a directory with config.json, listed as one entry).
-WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES + (".gguf",)
+GGUF_SUFFIX = ".gguf"
 SHARD_INDEX_SUFFIX = ".safetensors.index.json"
 HF_CONFIG = "config.json"
 
@@ -101,8 +100,10 @@ def model_folders(kind: str) -> list[Path]:
 
 
 def _is_model_entry(path: Path) -> bool:
-    name = path.name
-    return path.suffix in WEIGHT_SUFFIXES or name.endswith(SHARD_INDEX_SUFFIX)
+    # Imported here, not at the top: checkpoints imports torch, which `sora --help` and validation do not need.
+    from .checkpoints import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
+    return path.suffix in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES + (GGUF_SUFFIX,) \
+        or path.name.endswith(SHARD_INDEX_SUFFIX)
 
 
 def _scan(folder: Path) -> list[str]:

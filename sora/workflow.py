@@ -224,8 +224,11 @@ class _UILink:
 
 def _ui_links(workflow: dict) -> dict[int, _UILink]:
     """link id -> origin, from v0.4 arrays [id, from, from_slot, to, to_slot, type] or v1 objects."""
+    entries = workflow.get("links") or []
+    if not isinstance(entries, list):
+        raise WorkflowError("the workflow's \"links\" must be a list")
     links = {}
-    for entry in workflow.get("links") or []:
+    for entry in entries:
         if isinstance(entry, list) and len(entry) >= 6:
             link_id, origin, slot, link_type = entry[0], entry[1], entry[2], entry[5]
         elif isinstance(entry, dict):
@@ -319,15 +322,16 @@ def ui_to_api(workflow: dict, node_classes: NodeClasses) -> Prompt:
     reroutes followed, muted nodes dropped, bypassed nodes pass a matching input through.
     """
     graph = _UIGraph(workflow)
-    subgraphs = {s.get("id") for s in ((workflow.get("definitions") or {}).get("subgraphs") or [])
-                 if isinstance(s, dict)} if isinstance(workflow.get("definitions"), dict) else set()
+    definitions = workflow.get("definitions")
+    subgraphs = definitions.get("subgraphs") if isinstance(definitions, dict) else None
+    subgraph_ids = {s.get("id") for s in subgraphs if isinstance(s, dict)} if isinstance(subgraphs, list) else set()
     prompt = {}
     for node_id in sorted(graph.nodes, key=_id_order):
         node = graph.nodes[node_id]
         class_type, mode = node["type"], node.get("mode", 0)
         if class_type in UI_ONLY_NODES or mode in (MODE_MUTED, MODE_BYPASSED):
             continue
-        if class_type in subgraphs or class_type.startswith("workflow>"):
+        if class_type in subgraph_ids or class_type.startswith("workflow>"):
             raise WorkflowError("subgraphs and group nodes are not supported by the headless runner; unpack it "
                                 "in the editor (right-click > Unpack Subgraph) and save again",
                                 node_id=node_id, class_type=class_type)

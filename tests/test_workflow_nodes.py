@@ -1,18 +1,24 @@
 """Small V1 node classes and graphs shared by the workflow, CLI and fuzz tests (until the real nodes exist).
 
 They form a miniature text-to-video pipeline (loader, encode, empty latent, sampler, decode, save) whose values
-are small tensors, so a run is fast and its saved file shows exactly which values flowed through the graph.
-`CALLS` records every node function call.
+are short lists of floats, so a run is fast (no torch import, which matters for the CLI subprocess tests) and its
+saved file shows exactly which values flowed through the graph. `CALLS` records every node function call.
 """
 import copy
 import json
-
-import torch
+import random
 
 from sora import runtime
 from sora.errors import InputError
 
 CALLS: list[str] = []
+
+
+def sample_formula(size, scale, positive, negative, seed, steps, cfg, sampler_name, denoise=1.0):
+    """What TinySampler computes: seeded noise plus a guidance term, so every input changes the result."""
+    noise = random.Random(seed)
+    guide = positive if negative is None else positive + cfg * (positive - negative)
+    return [noise.gauss(0, 1) * denoise + guide * steps * scale + (sampler_name == "unipc") for _ in range(size)]
 
 
 class TinyLoader:
@@ -36,7 +42,7 @@ class TinyEncode:
 
     def encode(self, model, text):
         CALLS.append("TinyEncode")
-        return (torch.tensor([float(len(text))]) * model["scale"],)
+        return (len(text) * model["scale"],)
 
 
 class TinyEmpty:
@@ -51,7 +57,7 @@ class TinyEmpty:
         CALLS.append("TinyEmpty")
         if (frames - 1) % 4:
             raise InputError(f"frames must be 1 + 4k, got {frames}")
-        return ({"samples": torch.zeros(1, 2, (frames - 1) // 4 + 1, 2, width // 16)},)
+        return ({"samples": [0.0] * (2 * ((frames - 1) // 4 + 1) * (width // 16))},)
 
 
 class TinySampler:
@@ -69,10 +75,8 @@ class TinySampler:
 
     def sample(self, model, positive, latent, seed, steps, cfg, sampler_name, negative=None, denoise=1.0):
         CALLS.append("TinySampler")
-        noise = torch.randn(latent["samples"].shape, generator=torch.Generator().manual_seed(seed))
-        guide = positive if negative is None else positive + cfg * (positive - negative)
-        value = noise * denoise + guide * steps * model["scale"] + (sampler_name == "unipc")
-        return ({"samples": value},)
+        return ({"samples": sample_formula(len(latent["samples"]), model["scale"], positive, negative, seed, steps,
+                                           cfg, sampler_name, denoise)},)
 
 
 class TinyBoost:
@@ -85,7 +89,7 @@ class TinyBoost:
 
     def boost(self, latent, amount):
         CALLS.append("TinyBoost")
-        return ({"samples": latent["samples"] + amount},)
+        return ({"samples": [v + amount for v in latent["samples"]]},)
 
 
 class TinyDecode:
@@ -97,7 +101,7 @@ class TinyDecode:
 
     def decode(self, latent):
         CALLS.append("TinyDecode")
-        return (latent["samples"].flatten(),)
+        return (list(latent["samples"]),)
 
 
 class TinySave:
@@ -115,7 +119,7 @@ class TinySave:
         target = runtime.save_path(filename_prefix, "json")
         meta = {"node": unique_id, "classes": sorted(n["class_type"] for n in prompt.values()),
                 "has_ui_workflow": extra_pnginfo is not None}
-        target.path.write_text(json.dumps({"frames": images.tolist(), "loop": loop, "meta": meta}))
+        target.path.write_text(json.dumps({"frames": images, "loop": loop, "meta": meta}))
         return {"ui": {"images": [target.ui()], "animated": [True]}}
 
 
@@ -148,7 +152,7 @@ class TinyCrash:
 
     def crash(self, latent):
         CALLS.append("TinyCrash")
-        return ({"samples": latent["samples"] / 0, "oops": 1 // 0},)
+        return ({"samples": latent["samples"], "oops": 1 // 0},)
 
 
 NODES = {cls.__name__: cls for cls in (TinyLoader, TinyEncode, TinyEmpty, TinySampler, TinyBoost, TinyDecode,
