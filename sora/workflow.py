@@ -54,7 +54,6 @@ UI_ONLY_NODES = NOTE_NODES | {REROUTE, PRIMITIVE}
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")  # plus COMBO: the types the editor draws as widgets
 SEED_NAMES = ("seed", "noise_seed")  # INT widgets that get the editor's control_after_generate value by default
 MODE_MUTED, MODE_BYPASSED = 2, 4  # litegraph node modes ("never", "bypass")
-HIDDEN_VALUES = ("PROMPT", "UNIQUE_ID", "EXTRA_PNGINFO")  # hidden inputs the runner fills; others get None
 
 
 class WorkflowError(SoraError):
@@ -165,6 +164,7 @@ class Workflow:
 
 def load_workflow(source: str | Path | dict, node_classes: NodeClasses) -> Workflow:
     """Read a workflow file (or an already parsed JSON object) in either format."""
+    data = source
     if isinstance(source, (str, Path)):
         try:
             text = Path(source).read_text(encoding="utf-8")
@@ -172,13 +172,13 @@ def load_workflow(source: str | Path | dict, node_classes: NodeClasses) -> Workf
             raise WorkflowError(f"cannot read the workflow file {source}: {getattr(e, 'strerror', None) or e}") \
                 from None
         try:
-            source = json.loads(text)
+            data = json.loads(text)
         except (json.JSONDecodeError, RecursionError) as e:
-            raise WorkflowError(f"{Path(source).name} is not valid JSON ({e}); export the workflow from ComfyUI "
-                                "with Save (UI format) or Export (API)") from None
-    if isinstance(source, dict) and isinstance(source.get("nodes"), list):
-        return Workflow(ui_to_api(source, node_classes), source)
-    return Workflow(api_prompt(source))
+            raise WorkflowError(f"{source} is not valid JSON ({e}); export the workflow from ComfyUI with Save "
+                                "(UI format) or Export (API)") from None
+    if isinstance(data, dict) and isinstance(data.get("nodes"), list):
+        return Workflow(ui_to_api(data, node_classes), data)
+    return Workflow(api_prompt(data))
 
 
 def api_prompt(data) -> Prompt:
@@ -229,6 +229,8 @@ def _ui_links(workflow: dict) -> dict[int, _UILink]:
         raise WorkflowError("the workflow's \"links\" must be a list")
     links = {}
     for entry in entries:
+        if entry is None:  # older editors leave holes where links were deleted
+            continue
         if isinstance(entry, list) and len(entry) >= 6:
             link_id, origin, slot, link_type = entry[0], entry[1], entry[2], entry[5]
         elif isinstance(entry, dict):
@@ -602,6 +604,10 @@ def _plan(prompt: Prompt, node_classes: NodeClasses) -> _Plan:
         cls = node_classes.get(node["class_type"])
         if cls is None:
             raise _unknown_class(node_id, node["class_type"], node_classes)
+        if getattr(cls, "INPUT_IS_LIST", False) or any(getattr(cls, "OUTPUT_IS_LIST", ())):
+            raise WorkflowError("this node uses ComfyUI's list mapping (INPUT_IS_LIST / OUTPUT_IS_LIST), which the "
+                                "headless runner does not support; run the workflow inside ComfyUI",
+                                node_id=node_id, class_type=node["class_type"])
         specs[node_id] = node_spec(cls)
     plan = _Plan(prompt, specs)
     for node_id in sorted(prompt, key=_id_order):

@@ -80,6 +80,7 @@ def test_post_body_wrapper_and_v1_link_objects(tmp_path, out):
     ui["links"] = [{"id": l[0], "origin_id": l[1], "origin_slot": l[2], "target_id": l[3], "target_slot": l[4],
                     "type": l[5]} for l in ui["links"]]
     ui["version"] = 1
+    ui["links"].insert(3, None)  # a hole left by an older editor where a link was deleted
     assert ui_to_api(ui, NODES) == ui_to_api(ui_graph(), NODES)
 
 
@@ -151,6 +152,16 @@ def test_custom_validate_inputs_is_honoured(out):
     graph["8"]["inputs"].update(level=3, latent=["2", 0])  # input_types in its signature: it checks link types
     with pytest.raises(WorkflowError, match="latent must be LATENT, got CONDITIONING"):
         validate(graph, NODES)
+
+
+def test_list_mapping_nodes_are_refused_plainly(out):
+    class ListDecode(NODES["TinyDecode"]):
+        INPUT_IS_LIST = True
+    graph = api_graph()
+    graph["6"]["class_type"] = "ListDecode"
+    with pytest.raises(WorkflowError, match="list mapping") as e:
+        execute(graph, {**NODES, "ListDecode": ListDecode})
+    assert (e.value.node_id, e.value.class_type) == ("6", "ListDecode") and CALLS == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
