@@ -63,10 +63,29 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     run.set_defaults(handler=run_command)
 
 
+def standins_command(args: argparse.Namespace) -> int:
+    """`sora stand-ins DIR`: write tiny random stand-ins of the shipped workflows' model files."""
+    from .standins import write_standins
+    for path in write_standins(args.directory):
+        print(path, flush=True)
+    return 0
+
+
+def add_standins_command(commands: argparse._SubParsersAction) -> None:
+    standins = commands.add_parser(
+        "stand-ins", help="write tiny random stand-ins of the model files the shipped workflows use",
+        description="Write tiny random models under the real file names into DIR/diffusion_models, "
+                    "DIR/text_encoders and DIR/vae, so that `sora run WORKFLOW --models-dir DIR` smoke-tests a "
+                    "workflow without the real weights. The videos they make are noise.")
+    standins.add_argument("directory", metavar="DIR", help="model root to write into (created if missing)")
+    standins.set_defaults(handler=standins_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sora", description="Sora-style video DiT: headless tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_run_command(commands)
+    add_standins_command(commands)
     return parser
 
 
