@@ -7,7 +7,7 @@ finished, so a failed or interrupted encode never leaves a partial file behind.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -71,8 +71,8 @@ def write_mp4(path: str | Path, frames: torch.Tensor, fps: float, *, crf: int = 
         raise InputError(f"crf must be a whole number from 0 (lossless) to {MAX_CRF}, got {crf!r}")
     path = Path(path)
     pixels = to_uint8(frames).numpy()
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.mp4", dir=path.parent)
-    os.close(handle)
+    # A unique hidden name beside the target (mkstemp would create it with mode 0600, not the umask's).
+    temporary = str(path.parent / f".{path.stem}.{uuid.uuid4().hex}.partial.mp4")
     try:
         with av.open(temporary, mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=frame_rate(fps))

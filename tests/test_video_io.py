@@ -49,6 +49,12 @@ def test_round_trip_is_close_and_the_motion_survives(tmp_path):
         assert abs(int(bright.min()) - (2 + 3 * f)) <= 1
 
 
+def test_the_file_gets_the_usual_permissions(tmp_path):
+    (tmp_path / "plain").write_bytes(b"")
+    path = video_io.write_mp4(tmp_path / "clip.mp4", moving_square(), 16)
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
 def test_higher_crf_gives_a_smaller_file(tmp_path):
     clip = moving_square(frames=17) + 0.05 * torch.rand(17, 32, 48, 3)
     fine = video_io.write_mp4(tmp_path / "fine.mp4", clip.clamp(0, 1), 16, crf=5)
