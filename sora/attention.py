@@ -49,32 +49,37 @@ def check_backend(name: str) -> None:
                      f"Available here: {available_backends()}")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_lengths: torch.Tensor | None = None,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_counts: torch.Tensor | None = None,
               backend: str = "sdpa") -> torch.Tensor:
     """Softmax attention with scale 1/sqrt(head_dim), no causal mask.
 
-    q [B, Lq, heads, d], k and v [B, Lk, heads, d]; key_lengths [B] (optional): keys at positions >= the
-    sample's length are ignored (padding). Returns [B, Lq, heads, d] in q's dtype.
+    q [B, Lq, heads, d], k and v [B, Lk, heads, d]. key_counts [B, Lk] (optional, integers) says how many
+    identical keys each key stands for: 0 drops a key (padding), n > 1 weighs it as n copies, which lets a caller
+    pass a run of repeated keys once. Returns [B, Lq, heads, d] in q's dtype.
     """
     if backend == "sdpa":
-        return _sdpa(q, k, v, key_lengths)
+        return _sdpa(q, k, v, key_counts)
     check_backend(backend)
     if q.device.type != "cuda":
         raise InputError(f"attention backend {backend!r} runs on CUDA only; the model is on {q.device}. "
                          "Use attention='sdpa' on this device")
     kernel = _flash if backend == "flash_attn" else _sage
-    if key_lengths is None:
+    if key_counts is None:
         return kernel(q, k, v)
-    # These kernels take no key mask: attend to each sample's real keys on their own.
-    return torch.cat([kernel(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n])
-                      for b, n in enumerate(key_lengths.tolist())])
+    # These kernels take no key bias: give each sample its keys, repeated as counted.
+    outs = []
+    for b in range(q.shape[0]):
+        counts = key_counts[b].to(k.device)
+        outs.append(kernel(q[b:b + 1], k[b].repeat_interleave(counts, dim=0)[None],
+                           v[b].repeat_interleave(counts, dim=0)[None]))
+    return torch.cat(outs)
 
 
-def _sdpa(q, k, v, key_lengths):
+def _sdpa(q, k, v, key_counts):
     mask = None
-    if key_lengths is not None:
-        positions = torch.arange(k.shape[1], device=k.device)
-        mask = (positions[None, :] < key_lengths[:, None].to(k.device))[:, None, None, :]  # [B, 1, 1, Lk]
+    if key_counts is not None:
+        # softmax over n equal keys = one key whose logit is raised by log n; log 0 = -inf masks a key out
+        mask = key_counts.to(device=q.device, dtype=torch.float32).log().to(q.dtype)[:, None, None, :]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)  # [B, Lq, heads, d]
 

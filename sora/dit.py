@@ -152,14 +152,17 @@ class Attention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, source: torch.Tensor, rotations: torch.Tensor | None = None,
-                key_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, L, dim] attends to source [B, S, dim]; rotations [B or 1, L, head_dim/2] when L == S (RoPE)."""
+                key_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, dim] attends to source [B, S, dim].
+
+        rotations [B or 1, L, head_dim/2] for self-attention (RoPE); key_counts [B, S] as in `sora.attention`.
+        """
         q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, -1))  # [B, L, heads, head_dim]
         k = self.norm_k(self.k(source)).unflatten(2, (self.num_heads, -1))  # [B, S, heads, head_dim]
         v = self.v(source).unflatten(2, (self.num_heads, -1))
         if rotations is not None:
             q, k = apply_rope(q, rotations), apply_rope(k, rotations)
-        out = attention(q, k, v, key_lengths=key_lengths, backend=self.backend)
+        out = attention(q, k, v, key_counts=key_counts, backend=self.backend)
         return self.o(out.flatten(2))
 
 
@@ -181,19 +184,22 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(ops.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"),
                                  ops.Linear(config.ffn_dim, dim))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, e0: torch.Tensor, t_index: torch.Tensor,
-                rotations: torch.Tensor, key_lengths: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_counts: torch.Tensor | None,
+                e0: torch.Tensor, t_index: torch.Tensor, rotations: torch.Tensor,
+                token_counts: torch.Tensor | None) -> torch.Tensor:
         """x [B, L, dim] float32 -> same.
 
-        context [B, text_len, dim]; e0 [U, 6, dim] projected embeddings of the U distinct timesteps; t_index
-        [B, 1 or L] which of them each sample or token has; rotations and key_lengths as in `Attention`.
+        context [B, S, dim] embedded text rows and context_counts [B, S] their multiplicities (see
+        `WanDiT._embed_context`); e0 [U, 6, dim] projected embeddings of the U distinct timesteps; t_index
+        [B, 1 or L] which of them each sample or token has; rotations [B or 1, L, head_dim/2]; token_counts
+        [B, L] 1 for real tokens, 0 for padding (None: no padding).
         """
         mod = self.modulation.float() + e0  # [U, 6, dim]: shift, scale, gate (attention), shift, scale, gate (FFN)
         shift, scale, gate = (mod[:, i][t_index] for i in range(3))  # each [B, 1 or L, dim]
         h = torch.addcmul(shift, _layer_norm(x, self.eps), 1 + scale)
-        x = torch.addcmul(x, self.self_attn(h, h, rotations, key_lengths).float(), gate)
+        x = torch.addcmul(x, self.self_attn(h, h, rotations, token_counts).float(), gate)
 
-        x = x + self.cross_attn(self.norm3(x), context).float()
+        x = x + self.cross_attn(self.norm3(x), context, key_counts=context_counts).float()
 
         shift, scale, gate = (mod[:, i][t_index] for i in range(3, 6))
         h = torch.addcmul(shift, _layer_norm(x, self.eps), 1 + scale)
@@ -300,12 +306,12 @@ class WanDiT(nn.Module):
             grids = [grid] * x.shape[0]
             rotations = rope_table(grid, self.config.head_dim, max_len=self.config.rope_max_len,
                                    device=x.device)[None]  # [1, L, head_dim/2]
-            key_lengths = None
+            token_counts = None
             device = x.device
         else:
             if not samples:
                 raise InputError("x is an empty list")
-            tokens, grids, rotations, key_lengths = self._embed_list(samples)
+            tokens, grids, rotations, token_counts = self._embed_list(samples)
             device = samples[0].device
         B, L, _ = tokens.shape
 
@@ -314,10 +320,10 @@ class WanDiT(nn.Module):
         e = self.time_embedding(sinusoidal_embedding(t_values, self.config.freq_dim)).float()  # [U, dim]
         e0 = self.time_projection(e).float().unflatten(1, (6, -1))  # [U, 6, dim]
 
-        context = self.text_embedding(self._pad_context(context.to(device), B))  # [B, text_len, dim]
+        context, context_counts = self._embed_context(context.to(device), B)  # [B, S, dim], [B, S]
 
         for block in self.blocks:
-            tokens = block(tokens, context, e0, t_index, rotations, key_lengths)
+            tokens = block(tokens, context, context_counts, e0, t_index, rotations, token_counts)
 
         out = self.head(tokens, e, t_index)  # [B, L, prod(patch)·out_dim]
         if samples is None:
@@ -361,17 +367,34 @@ class WanDiT(nn.Module):
         L = int(lengths.max())
         tokens = torch.stack([F.pad(t, (0, 0, 0, L - t.shape[0])) for t in embedded])  # [B, L, dim]
         rotations = torch.stack([F.pad(r, (0, 0, 0, L - r.shape[0]), value=1.0) for r in tables])  # [B, L, d/2]
-        return tokens, grids, rotations, lengths
+        counts = (torch.arange(L, device=lengths.device)[None] < lengths[:, None]).long()  # [B, L]
+        return tokens, grids, rotations, counts
 
-    def _pad_context(self, context: torch.Tensor, batch: int) -> torch.Tensor:
-        """[B, L_txt, text_dim] -> [B, text_len, text_dim] with zero rows appended."""
+    def _embed_context(self, context: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text rows [B, L_txt, text_dim] -> embedded rows [B, S, dim] and their multiplicities [B, S].
+
+        The model attends to the context zero-padded to text_len rows, with no key mask. All zero rows embed to
+        the same key and value, so instead of embedding and attending to up to text_len copies, the real rows
+        are followed by a single zero row that counts for all of them (exact: softmax over n equal keys is one
+        key with its logit raised by log n). Trailing zero rows of the input are padding of the same kind.
+        """
         cfg = self.config
         if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.text_dim:
             raise InputError(f"context must be [{batch}, L, {cfg.text_dim}] (batch, tokens, text width); "
                              f"got {list(context.shape)}")
-        if context.shape[1] > cfg.text_len:
-            raise InputError(f"context has {context.shape[1]} tokens; this model takes at most {cfg.text_len}")
-        return F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
+        L = context.shape[1]
+        if L > cfg.text_len:
+            raise InputError(f"context has {L} tokens; this model takes at most {cfg.text_len}")
+        positions = torch.arange(1, L + 1, device=context.device)
+        real = ((context != 0).any(-1) * positions).amax(-1) if L else positions.new_zeros(batch)  # [B] rows
+        padding = cfg.text_len - real  # [B] zero rows of the padded context
+        if not padding.any():
+            return self.text_embedding(context), None
+        S = int(real.max())
+        rows = F.pad(context[:, :S], (0, 0, 0, 1))  # [B, S + 1, text_dim], the last row zero
+        counts = (positions[None, :S] <= real[:, None]).long()  # 1 for real rows, 0 for a shorter sample's zeros
+        counts = torch.cat([counts, padding[:, None]], dim=1)  # [B, S + 1]
+        return self.text_embedding(rows), counts
 
     def _unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, L, pt·ph·pw·C] with C fastest -> [B, C, T, H, W]."""

@@ -121,6 +121,26 @@ def test_list_input_pads_and_masks():
         assert rel_err(outs[i], alone) <= REL_TOL
 
 
+@pytest.mark.parametrize("rows", ["mixed_lengths", "full_text_len", "empty"])
+def test_context_padding_matches_diffusers(rows):
+    """Zero rows (our padding, or trailing zeros already in the input) weigh exactly like the reference's."""
+    cfg = CASES[2][1]  # text_len 64
+    ref = diffusers_model(cfg, seed=5)
+    ours = ours_from(ref, cfg)
+    x, t = torch.randn(2, 16, 1, 4, 4), torch.tensor([300.0, 900.0])
+    if rows == "mixed_lengths":  # sample 1: 3 real rows, an interior zero row, then zeros up to the batch length
+        context = torch.randn(2, 9, cfg.text_dim)
+        context[1, 4:] = 0
+        context[1, 1] = 0
+    elif rows == "full_text_len":
+        context = torch.randn(2, cfg.text_len, cfg.text_dim)
+    else:
+        context = torch.zeros(2, 0, cfg.text_dim)
+    with torch.no_grad():
+        out = ours(x, t, context)
+    assert rel_err(out, diffusers_forward(ref, x, t, context, cfg.text_len)) <= REL_TOL
+
+
 def test_per_frame_equals_per_token_and_per_sample():
     cfg = CASES[0][1]
     model = ours_from(diffusers_model(cfg, seed=3), cfg)
