@@ -1,7 +1,8 @@
 """Frame conditioning: some latent frames are known, the rest are generated.
 
 One mechanism serves text-to-video with given frames, image-to-video, extension forward and backward, connecting
-two clips, looping and (with a partial schedule) video-to-video. A condition is a `LATENT` dict as ComfyUI keeps
+two clips, looping and (with a partial schedule) video-to-video. (Wan's dedicated I2V models take their image
+through extra input channels instead; `wan_i2v_channels` builds those.) A condition is a `LATENT` dict as ComfyUI keeps
 it: `samples` holds the raw latent [B, C, T, H, W] with the known frames in place, and `noise_mask`
 [B, 1, T, H, W] is 1 where frames are generated and 0 where they are kept. Core nodes read the same dict
 (ComfyUI's Wan22ImageToVideoLatent writes exactly this form), so conditions pass between our nodes and core's.
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
+from .latent_formats import LatentFormat
 from .schedules import split_denoise
 
 Latent = dict  # ComfyUI LATENT: {"samples": raw [B, C, T, H, W], "noise_mask": [B, 1, T, H, W] (optional)}
@@ -128,6 +130,32 @@ def video_to_video(video: torch.Tensor, sigmas: torch.Tensor, strength: float) -
     if not 0.0 <= strength <= 1.0:
         raise InputError(f"strength must be in [0, 1], got {strength}; 0 keeps the input, 1 ignores it")
     return {"samples": video}, split_denoise(sigmas, strength)
+
+
+def wan_i2v_channels(video: torch.Tensor, fmt: LatentFormat, known: Sequence[int] = (0,)) -> torch.Tensor:
+    """The 20 extra input channels of Wan 2.1 I2V and Wan 2.2 I2V-A14B (ARCH_FACTS §4.7), for `sample`'s
+    `extra_channels`: a 4-channel mask of the known pixel frames (1 = known, the reference's sense), then the
+    normalised latent of the conditioning video.
+
+    video: raw latent [B, 16, T, H, W] of the conditioning video: the image at its pixel frame(s), mid-gray
+        (0 in [-1, 1]) elsewhere, VAE-encoded.
+    known: the known pixel frames of the 1 + 4(T − 1); (0,) for I2V, (0, -1) for first-last-frame.
+    Returns [B, 20, T, H, W].
+    """
+    _check_latent("video", video)
+    B, _, T, H, W = video.shape
+    frames = fmt.latent_to_frames(T)
+    pixel = torch.zeros(frames, device=video.device)
+    for index in known:
+        if not -frames <= index < frames:
+            raise InputError(f"known pixel frame {index} is outside the video's {frames} frames")
+        pixel[index] = 1.0
+    # Latent frame 0 holds one pixel frame, so it is repeated to fill 4 slots; then slot k of latent frame j is
+    # pixel frame 4j + k − 3.
+    pixel = torch.cat([pixel[:1].repeat(fmt.temporal - 1), pixel])  # [4T]
+    mask = pixel.view(T, fmt.temporal).T  # [4, T]
+    mask = mask[None, :, :, None, None].expand(B, -1, -1, H, W)
+    return torch.cat([mask, fmt.normalize(video)], dim=1)
 
 
 def join(parts: Sequence[torch.Tensor], overlap: int, loop: bool = False, atol: float = 1e-4) -> torch.Tensor:

@@ -174,13 +174,15 @@ def _release_on_stop(function):
 
 
 @_release_on_stop
+@torch.no_grad()
 def sample(model: Model, latent: torch.Tensor, sigmas: torch.Tensor, positive: torch.Tensor,
            negative: torch.Tensor | None = None, *, guidance: float | Sequence[float] | torch.Tensor = 5.0,
            sampler: str = "unipc", seed: int = 0, noise_mask: torch.Tensor | None = None,
            low_noise_model: Model | None = None, boundary_t: float = 875.0,
            low_noise_guidance: float | Sequence[float] | torch.Tensor | None = None, denoise: float = 1.0,
-           add_noise: bool = True, batched_cfg: bool = True, callback: Callback | None = None,
-           interrupt: Callable[[], None] | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+           add_noise: bool = True, batched_cfg: bool = True, extra_channels: torch.Tensor | None = None,
+           callback: Callback | None = None, interrupt: Callable[[], None] | None = None,
+           device: torch.device | str | None = None) -> torch.Tensor:
     """Denoise `latent` along `sigmas` and return the result as a raw latent.
 
     model: `model(x, timestep, context) -> v` with `model.config.latent_format` and
@@ -201,6 +203,8 @@ def sample(model: Model, latent: torch.Tensor, sigmas: torch.Tensor, positive: t
     denoise: keep only the last round(steps·denoise) steps (ComfyUI's SplitSigmasDenoise); 0 returns the input.
     add_noise: False takes `latent` as a partial result to continue (no new noise).
     batched_cfg: the conditional and unconditional passes in one forward (True) or two (less memory).
+    extra_channels: [B or 1, C_extra, T, H, W] appended to the latent's channels on every model call, the same for
+        both guidance passes (Wan I2V models: `conditioning.wan_i2v_channels`).
     callback: called after every step as `callback(step, total, x0)` with step = 1..total and x0 that step's
         prediction of the clean raw latent, for progress and previews.
     interrupt: called before every step; it raises sora.errors.Interrupted to stop the run, which then releases
@@ -235,6 +239,9 @@ def sample(model: Model, latent: torch.Tensor, sigmas: torch.Tensor, positive: t
         x = known.impose(x, sigmas[0])
     cfg = ClassifierFreeGuidance(positive, negative, raw.shape[0], batched_cfg).to(device)
     solver = make_solver(sampler, sigmas)
+    if extra_channels is not None:
+        model, low_noise_model = _with_channels(model, extra_channels, raw), _with_channels(low_noise_model,
+                                                                                          extra_channels, raw)
 
     for i in range(total):
         if interrupt is not None:
@@ -260,6 +267,21 @@ def sample(model: Model, latent: torch.Tensor, sigmas: torch.Tensor, positive: t
         # Blend in raw space so kept frames are the given values exactly, not a normalise/denormalise round trip.
         out = out * known.mask + raw * (1.0 - known.mask)
     return out.to(latent.device)
+
+
+def _with_channels(model: Model | None, extra: torch.Tensor, raw: torch.Tensor) -> Model | None:
+    """`model` with `extra` appended to its input's channels (broadcast over the guidance batch)."""
+    if model is None:
+        return None
+    B, _, T, H, W = raw.shape
+    if extra.ndim != 5 or extra.shape[0] not in (1, B) or tuple(extra.shape[2:]) != (T, H, W):
+        raise InputError(f"extra_channels {tuple(extra.shape)} must be [B or 1, C, {T}, {H}, {W}] like the latent")
+    extra = extra.to(raw.device, torch.float32).expand(B, -1, -1, -1, -1)
+
+    def call(x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        passes = x.shape[0] // B  # 2 when guidance batches [cond; uncond]
+        return model(torch.cat([x, extra.repeat(passes, 1, 1, 1, 1)], dim=1), timestep, context)
+    return call
 
 
 def _model_format(model: Model) -> tuple[LatentFormat, bool]:

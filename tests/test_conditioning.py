@@ -132,6 +132,22 @@ def test_video_to_video_strength():
     assert (weak - video).norm() < (strong - video).norm()
 
 
+def test_wan_i2v_channels_follow_the_reference_layout():
+    # ARCH_FACTS §4.7: 4 mask channels then the normalised latent; latent frame 0 is all ones for I2V, and with the
+    # last pixel frame known too (FLF2V) the last latent frame reads [0, 0, 0, 1].
+    video = _clip(3)
+    channels = conditioning.wan_i2v_channels(video, WAN21)
+    assert channels.shape == (1, 20, 3, 4, 4)
+    assert channels[0, :4, :, 1, 2].T.tolist() == [[1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert torch.equal(channels[:, 4:], WAN21.normalize(video))
+    first_last = conditioning.wan_i2v_channels(video, WAN21, known=(0, -1))
+    assert first_last[0, :4, :, 0, 0].T.tolist() == [[1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 1]]
+    # Pixel frame 6 is the second slot of latent frame 2 (slot k of latent frame j is pixel frame 4j + k - 3).
+    assert conditioning.wan_i2v_channels(video, WAN21, known=(6,))[0, :4, 2, 0, 0].tolist() == [0, 1, 0, 0]
+    with pytest.raises(InputError, match="outside"):
+        conditioning.wan_i2v_channels(video, WAN21, known=(9,))
+
+
 def test_builders_validate_counts_and_shapes():
     clip = _clip(3)
     with pytest.raises(InputError, match="overlap"):

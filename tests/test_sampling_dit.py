@@ -6,6 +6,7 @@ import torch
 
 from sora import conditioning
 from sora.dit import PRESETS, WanDiT
+from sora.latent_formats import WAN21
 from sora.samplers import sample
 from sora.schedules import flow_sigmas
 
@@ -45,3 +46,19 @@ def test_extension_on_the_dit_keeps_known_frames(per_token):
     assert torch.equal(part[:, :, :2], clip[:, :, -2:])
     joined = conditioning.join([clip, part], overlap=2)
     assert joined.shape[2] == 5 and torch.equal(joined[:, :, :3], clip)
+
+
+@torch.no_grad()
+def test_i2v_model_gets_its_extra_channels_on_every_call():
+    config = dataclasses.replace(PRESETS["tiny"], model_type="i2v", in_dim=36)
+    model = WanDiT(config).eval()
+    inputs = []
+    model.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    video = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(4))
+    extra = conditioning.wan_i2v_channels(video, WAN21)
+    out = sample(model, torch.zeros(1, 16, 3, 4, 4), flow_sigmas(3, 5.0), _context(4, 1), _context(6, 2),
+                 guidance=5.0, extra_channels=extra)
+    assert out.shape == (1, 16, 3, 4, 4) and len(inputs) == 3
+    for x in inputs:  # [cond; uncond] batch, each with the same 20 extra channels after the 16 latent ones
+        assert x.shape == (2, 36, 3, 4, 4)
+        assert torch.equal(x[:, 16:], extra.expand(2, -1, -1, -1, -1))
