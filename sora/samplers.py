@@ -54,8 +54,8 @@ class Euler(Solver):
 
 
 class UniPC(Solver):
-    """UniPC with the B(h) = e^h − 1 variant ("bh2"), order 2, data prediction (Zhao et al. 2023,
-    arXiv:2302.04867), as the Wan reference runs it (ARCH_FACTS §4.5).
+    """UniPC, variant "bh2", order 2, data prediction (Zhao et al. 2023, arXiv:2302.04867), as the Wan reference
+    runs it (ARCH_FACTS §4.5). In bh2 the scaling B(h) equals φ1 = e^{−h} − 1, so one coefficient serves both.
 
     Each step first corrects the previous step's result with the new x0 prediction (UniC, no extra model call),
     then predicts the next sample (UniP). The first step and the last step are first order.
@@ -76,41 +76,41 @@ class UniPC(Solver):
         self.last_sample, self.last_order = x, order
         return self._predict(i, x, order)
 
-    def _coefficients(self, s: float, t: float) -> tuple[float, float, float, float]:
-        """h = λ(t) − λ(s), and φ1 = B(h) = e^{−h} − 1 and α_t for a step from sigma s to t."""
+    @staticmethod
+    def _coefficients(s: float, t: float) -> tuple[float, float, float]:
+        """For a step from sigma s to t: h = λ(t) − λ(s), φ1 = e^{−h} − 1 (−1 when t = 0) and α_t = 1 − t."""
         h = half_log_snr(t) - half_log_snr(s)
-        phi = math.expm1(-h)
-        return h, phi, phi, 1.0 - t
+        return h, math.expm1(-h), 1.0 - t
 
     def _predict(self, i: int, x: torch.Tensor, order: int) -> torch.Tensor:
         s, t = self.sigmas[i], self.sigmas[i + 1]
-        h, phi, b_h, alpha_t = self._coefficients(s, t)
+        h, phi, alpha_t = self._coefficients(s, t)
         m0 = self.history[-1]
         x_next = (t / s) * x - (alpha_t * phi) * m0
         if order == 2:
             r = (half_log_snr(self.sigmas[i - 1]) - half_log_snr(s)) / h
             d = (self.history[-2] - m0) / r
-            x_next = x_next - (alpha_t * b_h * 0.5) * d  # the predictor's order-2 weight is fixed at 1/2
+            x_next = x_next - (alpha_t * phi * 0.5) * d  # the predictor's order-2 weight is fixed at 1/2
         return x_next
 
     def _correct(self, i: int, x0: torch.Tensor) -> torch.Tensor:
         """Redo the step sigmas[i − 1] → sigmas[i] using the model's answer at sigmas[i]."""
         s, t = self.sigmas[i - 1], self.sigmas[i]
-        h, phi, b_h, alpha_t = self._coefficients(s, t)
+        h, phi, alpha_t = self._coefficients(s, t)
         m0 = self.history[-1]
         x = (t / s) * self.last_sample - (alpha_t * phi) * m0
         if self.last_order == 1:
-            return x - (alpha_t * b_h * 0.5) * (x0 - m0)
+            return x - (alpha_t * phi * 0.5) * (x0 - m0)
         # Order 2: weights from the 2×2 system [[1, 1], [r, 1]]·ρ = b, with b_k from the φ-function recursion.
         hh = -h
         g1 = phi / hh - 1.0
         g2 = g1 / hh - 0.5
-        b1, b2 = g1 / b_h, 2.0 * g2 / b_h
+        b1, b2 = g1 / phi, 2.0 * g2 / phi
         r = (half_log_snr(self.sigmas[i - 2]) - half_log_snr(s)) / h
         rho_old = (b2 - b1) / (r - 1.0)  # → 0 when the older point lies at σ = 1 (r = −∞): its term vanishes
         rho_new = b1 - rho_old
         d = (self.history[-2] - m0) / r
-        return x - (alpha_t * b_h) * (rho_old * d + rho_new * (x0 - m0))
+        return x - (alpha_t * phi) * (rho_old * d + rho_new * (x0 - m0))
 
 
 class DPMSolverPP2M(Solver):
