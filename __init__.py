@@ -6,4 +6,7 @@ from .nodes import load_node_mappings
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, _failed = load_node_mappings()
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# The editor loads the .js files here: one shows the caption of Sora Prompt Expansion on the node.
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -10,7 +10,8 @@ import logging
 log = logging.getLogger(__name__)
 
 # Each module exports NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS.
-NODE_MODULES: tuple[str, ...] = ()
+NODE_MODULES: tuple[str, ...] = ("loaders", "text_encode", "prompt_expansion", "sampling", "frame_conditioning",
+                                 "vae_codec", "media")
 
 CATEGORY = "sora"  # root of our category tree in the node menu
 

@@ -1,0 +1,78 @@
+"""What every node module shares: the category tree, the exported mappings, and errors that name the node.
+
+Each node class sets `DISPLAY_NAME`; its class name (always "Sora...") is its node id. A bad value raises a
+`sora.errors.InputError` (or `CheckpointError` for files) whose message starts with the node's display name and the
+input, e.g. "Sora Empty Latent Video: input 'frames' = 30 is not 1+4k; use 29 or 33".
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from ._sora import sora
+
+ROOT = "sora"  # our category tree in the node menu: sora/loaders, sora/sampling, ...
+TEMPORAL = 4  # video frames per latent frame after the first, in every Wan-family VAE (and nano's)
+
+
+def category(branch: str) -> str:
+    return f"{ROOT}/{branch}"
+
+
+def mappings(*classes: type) -> tuple[dict[str, type], dict[str, str]]:
+    """NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS for a module's node classes."""
+    return {c.__name__: c for c in classes}, {c.__name__: c.DISPLAY_NAME for c in classes}
+
+
+class Described(str):
+    """A description of an input's value (e.g. "LATENT [1, 16, 21, 60, 104]"), shown as it is, not quoted."""
+
+
+def input_error(node: type, name: str, value, why: str) -> Exception:
+    """An InputError "<display name>: input '<name>' = <value> <why>"; text values are quoted."""
+    shown = repr(value) if isinstance(value, str) and not isinstance(value, Described) else value
+    return sora.errors.InputError(f"{node.DISPLAY_NAME}: input '{name}' = {shown} {why}")
+
+
+@contextlib.contextmanager
+def about(node: type, name: str) -> Iterator[None]:
+    """Put the node's display name and the input in front of an InputError / CheckpointError raised inside."""
+    errors = sora.errors
+    try:
+        yield
+    except (errors.InputError, errors.CheckpointError) as e:
+        if str(e).startswith(f"{node.DISPLAY_NAME}: "):  # already names the node and its input
+            raise
+        raise type(e)(f"{node.DISPLAY_NAME}: input '{name}': {e}") from e
+
+
+def frames_on_grid(node: type, name: str, frames: int) -> int:
+    """Latent frames of a clip of `frames` video frames, which must be 1 + 4k."""
+    if frames < 1 or (frames - 1) % TEMPORAL:
+        below = 1 + max(frames - 1, 0) // TEMPORAL * TEMPORAL
+        hint = f"use {below} or {below + TEMPORAL}" if below != frames else f"use {below + TEMPORAL}"
+        raise input_error(node, name, frames, f"is not 1+{TEMPORAL}k (the VAE's causal frame grid); {hint}")
+    return (frames - 1) // TEMPORAL + 1
+
+
+def whole_latent_frames(node: type, name: str, frames: int) -> int:
+    """Latent frames of `frames` video frames that continue a clip, which must be a positive multiple of 4."""
+    if frames < TEMPORAL or frames % TEMPORAL:
+        below = frames // TEMPORAL * TEMPORAL
+        hint = f"use {below} or {below + TEMPORAL}" if below else f"use {TEMPORAL}"
+        raise input_error(node, name, frames, f"is not a multiple of {TEMPORAL} (one latent frame holds "
+                                              f"{TEMPORAL} video frames); {hint}")
+    return frames // TEMPORAL
+
+
+def latent_samples(node: type, name: str, latent) -> object:
+    """The `samples` tensor [B, C, T, H, W] of a video LATENT."""
+    import torch
+
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 5:
+        shape = list(samples.shape) if hasattr(samples, "shape") else type(samples).__name__
+        raise input_error(node, name, Described(f"LATENT {shape}"),
+                          "is not a video latent [batch, channels, frames, height, width]; connect a video latent "
+                          "(image latents are 4-D)")
+    return samples

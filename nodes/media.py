@@ -1,0 +1,163 @@
+"""Loading images and videos, and saving the result as an H.264 mp4.
+
+Where a relative file name is looked for, in order: the current directory; inside ComfyUI, its input folder
+(where uploads go); the pack's shipped example assets (`workflows/assets/`), so the example workflows run from any
+directory. Absolute paths are used as they are.
+
+Saving: the mp4 goes under the output folder (ComfyUI's, or `--output-dir` headless) with ComfyUI's counter naming
+(`prefix_00001_.mp4`), never outside it whatever the prefix says, written atomically (no partial file when
+encoding fails), and is shown in the editor the way core's Save Video shows its result.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from ._common import about, category, input_error, mappings
+from ._sora import sora
+
+ASSETS = Path(__file__).resolve().parent.parent / "workflows" / "assets"
+SIZE_TOOLTIP = "Resize to this many pixels (0 keeps the file's {}); use the model's size grid (e.g. {})."
+
+
+def input_file(node: type, name: str, value: str) -> Path:
+    """The file a load node's `value` names (see the module docstring for where relative names are looked for)."""
+    text = value.strip()
+    if not text:
+        raise input_error(node, name, value, "is empty; give a file name or path")
+    given = Path(text).expanduser()
+    if given.is_absolute():
+        places = [given]
+    else:
+        folders = [Path.cwd()]
+        if sora.runtime.in_comfyui():
+            import folder_paths
+            folders.append(Path(folder_paths.get_input_directory()))
+        folders.append(ASSETS)
+        places = [folder / given for folder in folders]
+    for place in places:
+        if place.is_file():
+            return place
+    looked = ", ".join(str(p.parent) for p in places)
+    raise input_error(node, name, value, f"was not found (looked in {looked}); give an existing file")
+
+
+def _resize(node: type, frames, width: int, height: int):
+    """Frames resized to width x height, where a 0 keeps that side of the file (both 0: unchanged)."""
+    if not width and not height:
+        return frames
+    _, H, W, _ = frames.shape
+    # one side 0: keep the aspect ratio, rounded to whole pixels
+    width = width or max(1, round(W * height / H))
+    height = height or max(1, round(H * width / W))
+    with about(node, "width"):
+        return sora.video_io.resize_frames(frames, width, height)
+
+
+def _changed(path: str) -> str:
+    """ComfyUI's IS_CHANGED value for a file name: reload when the file's bytes change."""
+    try:
+        return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+    except OSError:
+        return path  # the node itself reports the missing file
+
+
+class SoraLoadImage:
+    DISPLAY_NAME = "Sora Load Image"
+    DESCRIPTION = "Loads an image file (png, jpg, webp, ...) as IMAGE [1, H, W, 3], optionally resized."
+    CATEGORY = category("video")
+    FUNCTION = "load"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("STRING", {"default": "", "tooltip": "An image file: a name in the input folder (inside "
+                                                           "ComfyUI), a path relative to the current directory, "
+                                                           "or an absolute path."}),
+            "width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 1,
+                              "tooltip": SIZE_TOOLTIP.format("width", "832 or 1280")}),
+            "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 1,
+                               "tooltip": SIZE_TOOLTIP.format("height", "480 or 704")}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, image, **_):
+        return _changed(image)
+
+    def load(self, image, width, height):
+        path = input_file(type(self), "image", image)
+        with about(type(self), "image"):
+            frames = sora.video_io.read_image(path)
+        return (_resize(type(self), frames, width, height),)
+
+
+class SoraLoadVideo:
+    DISPLAY_NAME = "Sora Load Video"
+    DESCRIPTION = "Loads a video file (mp4, webm, mov, gif, ...) as IMAGE frames [frames, H, W, 3] and its fps."
+    CATEGORY = category("video")
+    FUNCTION = "load"
+    RETURN_TYPES = ("IMAGE", "FLOAT")
+    RETURN_NAMES = ("frames", "fps")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "video": ("STRING", {"default": "", "tooltip": "A video file: a name in the input folder (inside "
+                                                           "ComfyUI), a path relative to the current directory, "
+                                                           "or an absolute path."}),
+            "max_frames": ("INT", {"default": 81, "min": 0, "max": 100000,
+                                   "tooltip": "The most frames to load (0 = all). Encoding needs 1 + 4k frames "
+                                              "(e.g. 81)."}),
+            "skip_frames": ("INT", {"default": 0, "min": 0, "max": 100000,
+                                    "tooltip": "Frames to skip at the start."}),
+            "width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 1,
+                              "tooltip": SIZE_TOOLTIP.format("width", "832")}),
+            "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 1,
+                               "tooltip": SIZE_TOOLTIP.format("height", "480")}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, video, **_):
+        return _changed(video)
+
+    def load(self, video, max_frames, skip_frames, width, height):
+        path = input_file(type(self), "video", video)
+        with about(type(self), "video"):
+            loaded = sora.video_io.read_video(path, max_frames=max_frames, skip_frames=skip_frames)
+        return (_resize(type(self), loaded.frames, width, height), loaded.fps)
+
+
+class SoraSaveVideo:
+    DISPLAY_NAME = "Sora Save Video"
+    DESCRIPTION = ("Saves frames as an H.264 mp4 under the output folder (prefix_00001_.mp4, counting up) and "
+                   "shows it in the editor.")
+    CATEGORY = category("video")
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "frames": ("IMAGE", {"tooltip": "The video frames (from Sora VAE Decode)."}),
+            "fps": ("FLOAT", {"default": 16.0, "min": 1.0, "max": 240.0, "step": 1.0,
+                              "tooltip": "Frames per second: 16 for Wan 2.1 and 2.2 A14B, 24 for TI2V-5B."}),
+            "crf": ("INT", {"default": sora.video_io.DEFAULT_CRF, "min": 0, "max": sora.video_io.MAX_CRF,
+                            "tooltip": "Quality (H.264 constant rate factor): lower is better and bigger; 0 is "
+                                       "lossless, 17-23 looks clean."}),
+            "filename_prefix": ("STRING", {"default": "sora/video",
+                                           "tooltip": "File name start, with optional subfolders inside the output "
+                                                      "folder; a counter and .mp4 are added."}),
+        }}
+
+    def save(self, frames, fps, crf, filename_prefix):
+        with about(type(self), "filename_prefix"):
+            target = sora.runtime.save_path(filename_prefix, "mp4")
+        with about(type(self), "frames"):
+            sora.video_io.write_mp4(target.path, frames, fps, crf=crf)
+        return {"ui": {"images": [target.ui()], "animated": [True]}, "result": ()}
+
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(SoraLoadImage, SoraLoadVideo, SoraSaveVideo)

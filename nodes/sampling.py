@@ -1,0 +1,212 @@
+"""The schedule, the empty latent and the sampler.
+
+Frame conditioning reaches the sampler through its `latent` input, the way ComfyUI core does it: a LATENT whose
+`noise_mask` is 0 on frames to keep and 1 on frames to generate (the Sora frame-conditioning nodes build it, and so
+does core's Wan22ImageToVideoLatent). Progress and latent previews go to ComfyUI's progress bar (tqdm headless),
+and ComfyUI's cancel button (Ctrl-C headless) stops the run between two steps.
+"""
+from __future__ import annotations
+
+from ._common import (
+    Described,
+    about,
+    category,
+    frames_on_grid,
+    input_error,
+    latent_samples,
+    mappings,
+)
+from ._handles import DIT, HIGH_NOISE, LOW_NOISE
+from ._sora import sora
+
+MAX_SEED = 2**64 - 1
+
+
+class SoraScheduler:
+    DISPLAY_NAME = "Sora Scheduler"
+    DESCRIPTION = "The noise levels (SIGMAS) the sampler walks, from pure noise (1) to the clean video (0)."
+    CATEGORY = category("sampling")
+    FUNCTION = "schedule"
+    RETURN_TYPES = ("SIGMAS",)
+    RETURN_NAMES = ("sigmas",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (DIT, {"tooltip": "The diffusion model; it sets the default shift."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000,
+                                  "tooltip": "Sampling steps (model evaluations, twice that with guidance). The Wan "
+                                             "reference uses 50 (40 for A14B)."}),
+                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                                    "tooltip": "Timestep shift: larger values spend more steps at high noise (more "
+                                               "structure, less detail). 0 = the model's reference default (5.0 "
+                                               "for Wan 2.1 T2V and TI2V-5B, 12.0 for Wan 2.2 T2V-A14B)."}),
+                "schedule": (list(sora.schedules.SCHEDULES), {
+                    "default": "wan_unipc",
+                    "tooltip": "wan_unipc: the reference grid (starts just below 1); wan_dpm: starts at exactly 1; "
+                               "linear: no shift."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "1 generates from pure noise; lower keeps only the last steps of a "
+                                                 "longer schedule (for video-to-video)."}),
+            },
+        }
+
+    def schedule(self, model, steps, shift, schedule, denoise):
+        if shift == 0:
+            defaults = model.defaults()
+            if defaults is None:
+                raise input_error(type(self), "shift", shift, f"asks for the reference default, but {model.name} "
+                                                              "has none registered; set the shift by hand")
+            shift = defaults.shift
+        with about(type(self), "shift"):
+            return (sora.schedules.flow_sigmas(steps, shift, schedule, denoise),)
+
+
+class SoraEmptyLatentVideo:
+    DISPLAY_NAME = "Sora Empty Latent Video"
+    DESCRIPTION = "An empty video latent of the size and length to generate, with the model's latent channels."
+    CATEGORY = category("latent")
+    FUNCTION = "generate"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (DIT, {"tooltip": "The diffusion model; it sets the latent channels and the size grid."}),
+                "width": ("INT", {"default": 832, "min": 16, "max": 8192, "step": 16,
+                                  "tooltip": "Video width in pixels: a multiple of 16 for Wan 2.1, 32 for Wan 2.2 "
+                                             "TI2V-5B (VAE compression times the 2x2 patch)."}),
+                "height": ("INT", {"default": 480, "min": 16, "max": 8192, "step": 16,
+                                   "tooltip": "Video height in pixels, on the same grid as the width."}),
+                "frames": ("INT", {"default": 81, "min": 1, "max": 4097, "step": 4,
+                                   "tooltip": "Video frames, 1 + 4k (81 = 5 s at 16 fps for Wan 2.1; 121 at 24 fps "
+                                              "for TI2V-5B)."}),
+                "batch": ("INT", {"default": 1, "min": 1, "max": 64,
+                                  "tooltip": "Videos generated at once (each with its own noise)."}),
+            },
+        }
+
+    def generate(self, model, width, height, frames, batch):
+        import torch
+
+        fmt = model.latent_format
+        grid = fmt.spatial * model.config.patch_size[1]
+        for name, size in (("width", width), ("height", height)):
+            if size % grid:
+                below = size // grid * grid
+                hint = f"{below} or {below + grid}" if below else f"{grid}"
+                raise input_error(type(self), name, size, f"is not a multiple of {grid} ({model.name}: "
+                                                          f"{fmt.spatial}x VAE compression, 2x2 patches); use {hint}")
+        latent_frames = frames_on_grid(type(self), "frames", frames)
+        samples = torch.zeros(batch, fmt.channels, latent_frames, height // fmt.spatial, width // fmt.spatial)
+        return ({"samples": samples},)
+
+
+class SoraSampler:
+    DISPLAY_NAME = "Sora Sampler"
+    DESCRIPTION = ("Generates the video latent: denoises `latent` along `sigmas` with classifier-free guidance, "
+                   "keeping the frames its noise_mask marks as known. Optionally hands the low-noise steps to a "
+                   "second expert (Wan 2.2 A14B).")
+    CATEGORY = category("sampling")
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (DIT, {"tooltip": "The diffusion model (the high-noise expert when a second one is "
+                                           "connected)."}),
+                "positive": ("CONDITIONING", {"tooltip": "What to generate (Sora Text Encode's positive)."}),
+                "negative": ("CONDITIONING", {"tooltip": "What to steer away from (Sora Text Encode's negative)."}),
+                "latent": ("LATENT", {"tooltip": "Where to start: an empty latent, a frame condition (its noise_mask "
+                                                 "keeps the given frames) or an encoded video for video-to-video."}),
+                "sigmas": ("SIGMAS", {"tooltip": "The schedule, from Sora Scheduler (or any SIGMAS node)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                 "tooltip": "The noise; the same seed gives the same video on every device."}),
+                "guidance": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                                       "tooltip": "Classifier-free guidance scale: how strongly the prompt is "
+                                                  "followed. 1 turns guidance off (twice as fast). Wan reference: "
+                                                  "5.0."}),
+                "sampler_name": (list(sora.samplers.SAMPLERS), {
+                    "default": "unipc",
+                    "tooltip": "The solver: unipc (the Wan reference), dpm++_2m, or euler (first order)."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "Run only the last part of the schedule: 1 = all steps; lower "
+                                                 "values keep more of the input latent (video-to-video)."}),
+            },
+            "optional": {
+                "model_low_noise": (DIT, {"tooltip": "Wan 2.2 A14B: the low-noise expert, used once the noise "
+                                                     "level falls below `boundary`."}),
+                "boundary": ("FLOAT", {"default": 0.875, "min": 0.0, "max": 1.0, "step": 0.005,
+                                       "tooltip": "Noise level where the low-noise expert takes over (0.875 for "
+                                                  "Wan 2.2 T2V, 0.9 for I2V). Used only with model_low_noise."}),
+                "guidance_low_noise": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                                                 "round": 0.01,
+                                                 "tooltip": "Guidance of the low-noise expert (Wan 2.2 T2V: 3.0); "
+                                                            "0 = the same as `guidance`."}),
+            },
+        }
+
+    def sample(self, model, positive, negative, latent, sigmas, seed, guidance, sampler_name, denoise,
+               model_low_noise=None, boundary=0.875, guidance_low_noise=0.0):
+        node = type(self)
+        samples = latent_samples(node, "latent", latent)
+        channels = model.latent_format.channels
+        if samples.shape[1] != channels:
+            raise input_error(node, "latent", Described(f"LATENT {list(samples.shape)}"),
+                              f"has {samples.shape[1]} channels but {model.name} works on {channels}; make the "
+                              "latent with this model's empty latent node or its VAE")
+        contexts = {}
+        for name, cond in (("positive", positive), ("negative", negative)):
+            with about(node, name):
+                contexts[name], _ = sora.text.from_conditioning(cond)
+            if contexts[name].shape[-1] != model.config.text_dim:
+                raise input_error(node, name, Described(f"CONDITIONING of width {contexts[name].shape[-1]}"),
+                                  f"does not fit {model.name}, which reads {model.config.text_dim}-wide text "
+                                  "states; encode the prompt with the text encoder that belongs to the model")
+        if model_low_noise is not None:
+            self._check_experts(model, model_low_noise)
+        with about(node, "sigmas"):
+            steps = len(sora.schedules.split_denoise(sora.schedules.check_sigmas(sigmas), denoise)) - 1
+        manager = sora.memory.get_manager()
+        for handle in (model, model_low_noise):
+            if handle is not None:
+                manager.register(handle.dit, blocks_resident=handle.blocks_resident)
+        with sora.runtime.progress(max(steps, 0), "sampling") as bar, about(node, "latent"):
+            out = sora.samplers.sample(
+                model.dit, samples, sigmas, contexts["positive"], contexts["negative"], guidance=guidance,
+                sampler=sampler_name, seed=seed, noise_mask=latent.get("noise_mask"),
+                low_noise_model=None if model_low_noise is None else model_low_noise.dit,
+                boundary_t=boundary * 1000.0, low_noise_guidance=guidance_low_noise or None, denoise=denoise,
+                callback=_progress_callback(bar, model.latent_format), interrupt=sora.runtime.check_interrupt,
+                device=manager.compute_device)
+        return ({**latent, "samples": out},)
+
+    def _check_experts(self, high, low):
+        if high.expert == LOW_NOISE or low.expert == HIGH_NOISE:
+            raise input_error(type(self), "model_low_noise", low.name,
+                              f"is the {low.expert} expert while 'model' is the {high.expert} one; connect the "
+                              "high-noise expert to 'model' and the low-noise expert to 'model_low_noise'")
+        if high.config.latent_format != low.config.latent_format or high.config.in_dim != low.config.in_dim:
+            raise input_error(type(self), "model_low_noise", low.name,
+                              f"does not pair with {high.name}; the two experts must come from one release")
+
+
+def _progress_callback(bar, fmt):
+    """The sampler's per-step callback: advance the progress bar, with a latent preview when one is shown."""
+    def step(done: int, total: int, x0) -> None:
+        preview = None
+        if sora.runtime.wants_previews():
+            from PIL import Image  # ComfyUI ships Pillow; previews exist only there
+            rgb = sora.preview.preview_frame(x0, fmt, frame=-1)
+            preview = Image.fromarray((rgb * 255).round().byte().cpu().numpy())
+        bar.update(1, preview)
+    return step
+
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(SoraScheduler, SoraEmptyLatentVideo, SoraSampler)

@@ -1,0 +1,33 @@
+// Shows the caption a Sora Prompt Expansion node produced (its "text" UI output) on the node itself, in a
+// read-only box below its widgets, so the expanded prompt can be read (and copied) in the editor.
+import { app } from "../../scripts/app.js";
+
+const NODE = "SoraPromptExpansion";
+const BOX = "expanded_prompt_shown";
+
+app.registerExtension({
+    name: "sora.ShowExpandedPrompt",
+    async beforeRegisterNodeDef(nodeType, nodeData) {
+        if (nodeData.name !== NODE) {
+            return;
+        }
+        const onExecuted = nodeType.prototype.onExecuted;
+        nodeType.prototype.onExecuted = function (output) {
+            onExecuted?.apply(this, arguments);
+            const text = (output?.text ?? []).join("\n\n");
+            let box = this.widgets?.find((w) => w.name === BOX);
+            if (!box) {
+                // A DOM text area, not a ComfyUI widget type: it is never serialised into the workflow or
+                // the API prompt, so the node's widgets_values keep their input order.
+                const area = document.createElement("textarea");
+                area.readOnly = true;
+                area.style.cssText = "width:100%;min-height:80px;opacity:0.85;resize:vertical;";
+                box = this.addDOMWidget(BOX, "sora_text", area, { serialize: false, getValue: () => area.value,
+                                                                   setValue: (v) => { area.value = v; } });
+                box.serialize = false;
+            }
+            box.element.value = text;
+            this.setDirtyCanvas?.(true, true);
+        };
+    },
+});

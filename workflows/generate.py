@@ -1,0 +1,358 @@
+"""Writes the shipped example workflows, each as twins that describe the same graph:
+
+    workflows/<name>.json       the editor's format (litegraph v0.4): drag it into ComfyUI
+    workflows/api/<name>.json   the API format: POST /prompt, `comfy run --workflow`, `sora run`
+
+and the small input assets they load (workflows/assets/, made with the nano data generator). Both twins come
+from one graph description below, so they cannot drift apart; widget values are written in each node's input
+order, with the editor's extra control_after_generate value after every seed.
+
+    python workflows/generate.py            # rewrite the JSON files (assets only when missing)
+    python workflows/generate.py --assets   # also remake the assets
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ASSETS = HERE / "assets"
+START_FRAME = "sora_start_frame.png"  # 320x176 (the 1280x704 aspect), resized by the workflow
+SOURCE_CLIP = "sora_source_clip.mp4"  # 81 frames of 208x120 (the 832x480 aspect) at 16 fps
+
+WAN21_DIT = "wan2.1_t2v_1.3B_bf16.safetensors"
+WAN22_DIT = "wan2.2_ti2v_5B_fp16.safetensors"
+UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN21_VAE = "wan_2.1_vae.safetensors"
+WAN22_VAE = "wan2.2_vae.safetensors"
+NANO, MINILM, SMOLLM = "nano (embedded)", "minilm (embedded)", "smollm2-135m (embedded)"
+
+NODE_WIDTH, ROW_HEIGHT, COLUMN_GAP, ROW_GAP = 340, 26, 60, 40
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A graph description and its two JSON forms
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Output:
+    node: Node
+    index: int
+
+
+@dataclass
+class Node:
+    id: int
+    class_type: str
+    inputs: dict
+    title: str | None = None
+
+    def __getitem__(self, index: int) -> Output:
+        return Output(self, index)
+
+
+@dataclass
+class Graph:
+    name: str
+    description: str  # shown in a note in the editor
+    nodes: list[Node] = field(default_factory=list)
+
+    def add(self, class_type: str, title: str | None = None, **inputs) -> Node:
+        node = Node(len(self.nodes) + 1, class_type, inputs, title)
+        self.nodes.append(node)
+        return node
+
+
+def _specs(classes: dict) -> dict:
+    """class name -> (ordered inputs [(name, spec, is_widget, has_control)], return types, return names)."""
+    from sora.workflow import node_spec
+    specs = {}
+    for name, cls in classes.items():
+        spec = node_spec(cls)
+        inputs = [(i.name, i, i.is_widget, i.has_control_value) for i in spec.inputs.values()]
+        specs[name] = (inputs, spec.return_types, tuple(getattr(cls, "RETURN_NAMES", spec.return_types)))
+    return specs
+
+
+def _value(node: Node, name: str, spec) -> object:
+    if name in node.inputs:
+        return node.inputs[name]
+    if "default" in spec.options:
+        return spec.options["default"]
+    return spec.choices[0] if spec.choices else None
+
+
+def to_api(graph: Graph, specs: dict, display_names: dict) -> dict:
+    prompt = {}
+    for node in graph.nodes:
+        unknown = set(node.inputs) - {name for name, *_ in specs[node.class_type][0]}
+        if unknown:
+            raise ValueError(f"{graph.name}: {node.class_type} has no input(s) {sorted(unknown)}")
+        inputs = {}
+        for name, spec, is_widget, _ in specs[node.class_type][0]:
+            value = _value(node, name, spec) if is_widget or name in node.inputs else None
+            if isinstance(value, Output):
+                inputs[name] = [str(value.node.id), value.index]
+            elif value is not None:
+                inputs[name] = value
+        title = node.title or display_names[node.class_type]
+        prompt[str(node.id)] = {"class_type": node.class_type, "inputs": inputs, "_meta": {"title": title}}
+    return prompt
+
+
+def _columns(graph: Graph) -> dict[int, int]:
+    """Layout column of each node: one more than the furthest node it takes an input from."""
+    column = {}
+    for node in graph.nodes:  # nodes are added after their inputs
+        sources = [v.node.id for v in node.inputs.values() if isinstance(v, Output)]
+        column[node.id] = 1 + max((column[s] for s in sources), default=-1)
+    return column
+
+
+def to_ui(graph: Graph, specs: dict) -> dict:
+    links, nodes_json = [], []
+    outputs_links: dict[tuple[int, int], list[int]] = {}
+    column = _columns(graph)
+    next_y: dict[int, int] = {}
+    note = {"id": len(graph.nodes) + 1, "type": "MarkdownNote", "pos": [40, 40], "size": [NODE_WIDTH, 220],
+            "flags": {}, "order": 0, "mode": 0, "inputs": [], "outputs": [], "properties": {},
+            "widgets_values": [graph.description], "title": "About this workflow"}
+    for order, node in enumerate(graph.nodes, 1):
+        inputs_spec, return_types, return_names = specs[node.class_type]
+        slots, widgets = [], []
+        for name, spec, is_widget, has_control in inputs_spec:
+            value = node.inputs.get(name)
+            link_id = None
+            if isinstance(value, Output):
+                link_id = len(links) + 1
+                source_type = specs[value.node.class_type][1][value.index]
+                links.append([link_id, value.node.id, value.index, node.id, len(slots), source_type])
+                outputs_links.setdefault((value.node.id, value.index), []).append(link_id)
+            if is_widget:
+                widgets.append("" if isinstance(value, Output) else _value(node, name, spec))
+                if has_control:
+                    widgets.append("fixed")  # the editor keeps seeds as saved: the example reproduces
+            if not is_widget or link_id is not None:
+                slot = {"name": name, "type": spec.type, "link": link_id}
+                if is_widget:
+                    slot["widget"] = {"name": name}
+                slots.append(slot)
+        x = 40 + column[node.id] * (NODE_WIDTH + COLUMN_GAP) + (NODE_WIDTH + COLUMN_GAP)
+        y = next_y.get(column[node.id], 40)
+        height = 40 + ROW_HEIGHT * max(len(widgets) + len(slots), len(return_types))
+        next_y[column[node.id]] = y + height + ROW_GAP
+        entry = {"id": node.id, "type": node.class_type, "pos": [x, y], "size": [NODE_WIDTH, height],
+                 "flags": {}, "order": order, "mode": 0, "inputs": slots,
+                 "outputs": [{"name": return_names[i], "type": t, "links": [], "slot_index": i}
+                             for i, t in enumerate(return_types)],
+                 "properties": {"Node name for S&R": node.class_type}, "widgets_values": widgets}
+        if node.title:
+            entry["title"] = node.title
+        nodes_json.append(entry)
+    for entry in nodes_json:
+        for output in entry["outputs"]:
+            output["links"] = outputs_links.get((entry["id"], output["slot_index"]), [])
+    return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"sora-video-dit/workflows/{graph.name}")), "revision": 0,
+            "last_node_id": note["id"], "last_link_id": len(links), "nodes": nodes_json + [note], "links": links,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The workflows
+# ---------------------------------------------------------------------------------------------------------------
+
+def _loaders(g: Graph, dit: str, text_encoder: str, vae: str):
+    model = g.add("SoraModelLoader", model_name=dit)
+    encoder = g.add("SoraTextEncoderLoader", text_encoder_name=text_encoder)
+    return model, encoder, g.add("SoraVAELoader", vae_name=vae)
+
+
+def _finish(g: Graph, vae: Node, latent: Output, fps: float, prefix: str) -> None:
+    frames = g.add("SoraVAEDecode", vae=vae[0], latent=latent)
+    g.add("SoraSaveVideo", frames=frames[0], fps=fps, filename_prefix=prefix)
+
+
+WAN_MODELS = ("Models (ComfyUI's models/ folders, or `sora run --models-dir DIR` with DIR/<folder>/):\n"
+              "- diffusion_models/{dit}\n- text_encoders/" + UMT5 + "\n- vae/{vae}\n\n"
+              "Smoke test without the real weights: `sora stand-ins DIR`.")
+
+
+def wan21_t2v() -> Graph:
+    g = Graph("wan21_t2v_1.3B", "# Text to video: Wan 2.1 T2V 1.3B\n\n832x480, 81 frames (5 s at 16 fps), the "
+                                "reference settings (50 UniPC steps, shift 5, guidance 5).\n\n"
+              + WAN_MODELS.format(dit=WAN21_DIT, vae=WAN21_VAE))
+    model, encoder, vae = _loaders(g, WAN21_DIT, UMT5, WAN21_VAE)
+    text = g.add("SoraTextEncode", text_encoder=encoder[0], prompt=(
+        "A red fox trots through deep fresh snow in a quiet birch forest, lifting its paws high. Medium shot at "
+        "eye level, the camera tracking sideways with it. Soft golden morning light, long blue shadows, fine "
+        "snow in the air. Naturalistic wildlife documentary style."))
+    sigmas = g.add("SoraScheduler", model=model[0], steps=50)
+    latent = g.add("SoraEmptyLatentVideo", model=model[0], width=832, height=480, frames=81)
+    sampled = g.add("SoraSampler", model=model[0], positive=text[0], negative=text[1], latent=latent[0],
+                    sigmas=sigmas[0], seed=42, guidance=5.0)
+    _finish(g, vae, sampled[0], 16.0, "sora/wan21_t2v")
+    return g
+
+
+def wan22_ti2v_t2v() -> Graph:
+    g = Graph("wan22_ti2v_5B_t2v", "# Text to video: Wan 2.2 TI2V 5B\n\n1280x704, 121 frames (5 s at 24 fps), "
+                                   "the reference settings (50 UniPC steps, shift 5, guidance 5).\n\n"
+              + WAN_MODELS.format(dit=WAN22_DIT, vae=WAN22_VAE))
+    model, encoder, vae = _loaders(g, WAN22_DIT, UMT5, WAN22_VAE)
+    text = g.add("SoraTextEncode", text_encoder=encoder[0], prompt=(
+        "A small sailboat glides across a calm turquoise bay at sunset, its white sail glowing orange. Wide "
+        "aerial shot slowly descending toward the water. Warm low sunlight, gentle ripples, distant green "
+        "hills. Cinematic, rich colour, fine detail."))
+    sigmas = g.add("SoraScheduler", model=model[0], steps=50)
+    latent = g.add("SoraEmptyLatentVideo", model=model[0], width=1280, height=704, frames=121)
+    sampled = g.add("SoraSampler", model=model[0], positive=text[0], negative=text[1], latent=latent[0],
+                    sigmas=sigmas[0], seed=42, guidance=5.0)
+    _finish(g, vae, sampled[0], 24.0, "sora/wan22_ti2v_t2v")
+    return g
+
+
+def wan22_long_clip() -> Graph:
+    g = Graph("wan22_ti2v_5B_long_clip",
+              "# A long clip: generate, then extend forward twice\n\n"
+              "Each extension continues from the last 16 frames of the part before it (kept as they are) and adds "
+              "104 new frames; Sora Join Clips keeps every overlap once: 121 + 104 + 104 = 329 frames (13.7 s at "
+              "24 fps). Wan 2.2 TI2V 5B keeps the known frames clean through its per-frame timesteps.\n\n"
+              + WAN_MODELS.format(dit=WAN22_DIT, vae=WAN22_VAE))
+    model, encoder, vae = _loaders(g, WAN22_DIT, UMT5, WAN22_VAE)
+    text = g.add("SoraTextEncode", text_encoder=encoder[0], prompt=(
+        "A vintage red tram travels along a seaside street lined with palm trees, passing cafes and cyclists. "
+        "Steady side-tracking shot at street level. Bright midday sun, clear blue sky, sparkling sea. "
+        "Realistic travel film, vivid colour."))
+    sigmas = g.add("SoraScheduler", model=model[0], steps=50)
+    latent = g.add("SoraEmptyLatentVideo", model=model[0], width=1280, height=704, frames=121)
+    sample = dict(model=model[0], positive=text[0], negative=text[1], sigmas=sigmas[0], guidance=5.0)
+    first = g.add("SoraSampler", "Sampler: first clip", latent=latent[0], seed=42, **sample)
+    cond_1 = g.add("SoraExtendForward", clip=first[0], overlap_frames=16, new_frames=104)
+    second = g.add("SoraSampler", "Sampler: extension 1", latent=cond_1[0], seed=43, **sample)
+    cond_2 = g.add("SoraExtendForward", clip=second[0], overlap_frames=16, new_frames=104)
+    third = g.add("SoraSampler", "Sampler: extension 2", latent=cond_2[0], seed=44, **sample)
+    joined = g.add("SoraJoinClips", part_1=first[0], part_2=second[0], part_3=third[0], overlap_frames=16)
+    _finish(g, vae, joined[0], 24.0, "sora/wan22_long_clip")
+    return g
+
+
+def wan22_i2v() -> Graph:
+    g = Graph("wan22_ti2v_5B_i2v",
+              "# Image to video: Wan 2.2 TI2V 5B\n\nThe image (resized to 1280x704) becomes the first frame of a "
+              f"121-frame clip at 24 fps. The example image, `{START_FRAME}`, ships in workflows/assets/; inside "
+              "ComfyUI upload your own image to the input folder and type its name.\n\n"
+              + WAN_MODELS.format(dit=WAN22_DIT, vae=WAN22_VAE))
+    model, encoder, vae = _loaders(g, WAN22_DIT, UMT5, WAN22_VAE)
+    text = g.add("SoraTextEncode", text_encoder=encoder[0], prompt=(
+        "The red ball rolls steadily to the right across the dark floor, casting a soft shadow. Static camera, "
+        "even studio light, minimal clean style."))
+    sigmas = g.add("SoraScheduler", model=model[0], steps=50)
+    image = g.add("SoraLoadImage", image=START_FRAME, width=1280, height=704)
+    start = g.add("SoraVAEEncode", vae=vae[0], image=image[0])
+    condition = g.add("SoraImageToVideo", start=start[0], frames=121)
+    sampled = g.add("SoraSampler", model=model[0], positive=text[0], negative=text[1], latent=condition[0],
+                    sigmas=sigmas[0], seed=42, guidance=5.0)
+    _finish(g, vae, sampled[0], 24.0, "sora/wan22_i2v")
+    return g
+
+
+def wan21_v2v() -> Graph:
+    g = Graph("wan21_v2v_1.3B",
+              "# Video to video: Wan 2.1 T2V 1.3B\n\nThe source video (resized to 832x480, its first 81 frames) is "
+              "encoded, noised to strength 0.7 and sampled along the last 70% of the schedule: the layout and "
+              f"motion stay, the look follows the prompt. The example video, `{SOURCE_CLIP}`, ships in "
+              "workflows/assets/.\n\n" + WAN_MODELS.format(dit=WAN21_DIT, vae=WAN21_VAE))
+    model, encoder, vae = _loaders(g, WAN21_DIT, UMT5, WAN21_VAE)
+    text = g.add("SoraTextEncode", text_encoder=encoder[0], prompt=(
+        "A glowing orange paper lantern drifts across a night sky full of stars, painted in thick oil brush "
+        "strokes. Static camera. Warm candle light against deep blue. Expressive impressionist painting."))
+    sigmas = g.add("SoraScheduler", model=model[0], steps=50)
+    video = g.add("SoraLoadVideo", video=SOURCE_CLIP, max_frames=81, width=832, height=480)
+    encoded = g.add("SoraVAEEncode", vae=vae[0], image=video[0])
+    condition = g.add("SoraVideoToVideo", video=encoded[0], sigmas=sigmas[0], strength=0.7)
+    sampled = g.add("SoraSampler", model=model[0], positive=text[0], negative=text[1], latent=condition[0],
+                    sigmas=condition[1], seed=42, guidance=5.0)
+    _finish(g, vae, sampled[0], 16.0, "sora/wan21_v2v")
+    return g
+
+
+NANO_NOTE = ("Runs on the embedded nano model: no model files, a CPU is enough. It knows a small world of "
+             "coloured circles, squares and triangles moving on plain backgrounds.")
+
+
+def _nano(g: Graph, prompt: object) -> None:
+    model, encoder, vae = _loaders(g, NANO, MINILM, NANO)
+    text = g.add("SoraTextEncode", text_encoder=encoder[0], prompt=prompt, negative_preset="none")
+    sigmas = g.add("SoraScheduler", model=model[0], steps=20)
+    latent = g.add("SoraEmptyLatentVideo", model=model[0], width=64, height=64, frames=33)
+    sampled = g.add("SoraSampler", model=model[0], positive=text[0], negative=text[1], latent=latent[0],
+                    sigmas=sigmas[0], seed=42, guidance=5.0)
+    _finish(g, vae, sampled[0], 16.0, "sora/" + g.name)
+
+
+def nano_t2v() -> Graph:
+    g = Graph("nano_t2v", "# Text to video on the embedded nano model\n\n" + NANO_NOTE)
+    _nano(g, "a red circle moving to the right on a dark background")
+    return g
+
+
+def nano_prompt_expansion() -> Graph:
+    g = Graph("nano_prompt_expansion",
+              "# Prompt expansion feeding text encode (nano)\n\nSora Prompt Expansion maps free text onto the nano "
+              "model's vocabulary (preset nano); the caption is shown on the node and encoded. For Wan models use "
+              "the wan preset, which writes a detailed paragraph with a local chat model.\n\n" + NANO_NOTE)
+    expansion = g.add("SoraPromptExpansion", prompt="a crimson ball rolling right", preset="nano", model=SMOLLM,
+                      seed=42)
+    _nano(g, expansion[0])
+    return g
+
+
+WORKFLOWS = (wan21_t2v, wan22_ti2v_t2v, wan22_long_clip, wan22_i2v, wan21_v2v, nano_t2v, nano_prompt_expansion)
+
+
+def build_all() -> dict[str, tuple[dict, dict]]:
+    """name -> (UI-format workflow, API-format prompt), for every shipped workflow."""
+    from sora.nodes import load_node_mappings
+    classes, display_names, failures = load_node_mappings()
+    if failures:
+        raise RuntimeError(f"node modules failed to import: {failures}")
+    specs = _specs(classes)
+    return {g.name: (to_ui(g, specs), to_api(g, specs, display_names)) for g in (make() for make in WORKFLOWS)}
+
+
+def write_assets() -> None:
+    """The example inputs, rendered by the nano data generator: a red ball on a dark floor, and a moving clip."""
+    from sora import video_io
+    from sora.nano.data import make_clip
+
+    ASSETS.mkdir(exist_ok=True)
+    image = make_clip(7, frames=1, height=176, width=320, color="red", shape="circle", background="dark",
+                      size="large").video
+    video_io.write_png(ASSETS / START_FRAME, ((image[:, 0].permute(1, 2, 0) + 1) / 2)[None])
+    clip = make_clip(11, frames=81, height=120, width=208, color="orange", shape="circle", background="dark",
+                     direction="right", speed="slow").video
+    video_io.write_mp4(ASSETS / SOURCE_CLIP, (clip.permute(1, 2, 3, 0) + 1) / 2, 16, crf=23)
+
+
+def dumps(data: dict) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--assets", action="store_true", help="remake the input assets too")
+    args = parser.parse_args()
+    if args.assets or not (ASSETS / START_FRAME).exists() or not (ASSETS / SOURCE_CLIP).exists():
+        write_assets()
+    (HERE / "api").mkdir(exist_ok=True)
+    for name, (ui, api) in build_all().items():
+        (HERE / f"{name}.json").write_text(dumps(ui), encoding="utf-8")
+        (HERE / "api" / f"{name}.json").write_text(dumps(api), encoding="utf-8")
+        print(f"workflows/{name}.json, workflows/api/{name}.json")
+
+
+if __name__ == "__main__":
+    main()
