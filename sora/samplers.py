@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from . import memory
 from .conditioning import KnownFrames, prepare_mask
 from .errors import InputError, Interrupted
 from .guidance import ClassifierFreeGuidance, Model, guidance_scales, is_high_noise_step
@@ -252,7 +253,10 @@ def sample(model: Model, latent: torch.Tensor, sigmas: torch.Tensor, positive: t
             timestep = known.timestep(sigma)
         else:
             timestep = torch.full((raw.shape[0],), sigma * 1000.0, device=device)
-        v = cfg.velocity(model if high else low_noise_model, x, timestep, scales[i] if high else low_scales[i])
+        # sora.memory: an out-of-memory error retries this step with a smaller footprint instead of failing the run
+        v = memory.get_manager().retry_on_oom(
+            lambda: cfg.velocity(model if high else low_noise_model, x, timestep, scales[i] if high else low_scales[i]),
+            functools.partial(memory.sequential_guidance, cfg), what=f"sampling step {i + 1}")
         x0 = x - sigma * v if callback is not None else None
         x = solver.step(i, x, v)
         if known is not None:
