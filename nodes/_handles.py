@@ -37,12 +37,13 @@ class DiffusionModel:
     """A loaded DiT and what the nodes need to know about it.
 
     name: the file name (or "nano (embedded)"); expert: SINGLE, HIGH_NOISE or LOW_NOISE;
-    blocks_resident: the memory-options override (None: the memory manager decides).
+    blocks_resident, budget_bytes: Sora Memory Options' overrides (None: the memory manager decides).
     """
     dit: object  # sora.dit.WanDiT
     name: str
     expert: str = SINGLE
     blocks_resident: int | None = None
+    budget_bytes: int | None = None
 
     @property
     def config(self):

@@ -7,6 +7,8 @@ and ComfyUI's cancel button (Ctrl-C headless) stops the run between two steps.
 """
 from __future__ import annotations
 
+import contextlib
+
 from ._common import (
     Described,
     about,
@@ -176,8 +178,9 @@ class SoraSampler:
         manager = sora.memory.get_manager()
         for handle in (model, model_low_noise):
             if handle is not None:
-                manager.register(handle.dit, blocks_resident=handle.blocks_resident)
-        with sora.runtime.progress(max(steps, 0), "sampling") as bar, about(node, "latent"):
+                manager.set_blocks_resident(handle.dit, handle.blocks_resident)
+        with _budget(manager, model.budget_bytes), sora.runtime.progress(max(steps, 0), "sampling") as bar, \
+                about(node, "latent"):
             out = sora.samplers.sample(
                 model.dit, samples, sigmas, contexts["positive"], contexts["negative"], guidance=guidance,
                 sampler=sampler_name, seed=seed, noise_mask=latent.get("noise_mask"),
@@ -195,6 +198,20 @@ class SoraSampler:
         if high.config.latent_format != low.config.latent_format or high.config.in_dim != low.config.in_dim:
             raise input_error(type(self), "model_low_noise", low.name,
                               f"does not pair with {high.name}; the two experts must come from one release")
+
+
+@contextlib.contextmanager
+def _budget(manager, budget_bytes: int | None):
+    """The memory budget of Sora Memory Options for the duration of one sampling run (None: leave it as it is)."""
+    if budget_bytes is None:
+        yield
+        return
+    previous = manager.options.budget_bytes
+    manager.configure(budget_bytes=budget_bytes)
+    try:
+        yield
+    finally:
+        manager.configure(budget_bytes=previous)
 
 
 def _progress_callback(bar, fmt):

@@ -39,7 +39,7 @@ def test_pack_imports_under_any_name_with_every_node(pack):
     expected = {"SoraModelLoader", "SoraTextEncoderLoader", "SoraVAELoader", "SoraTextEncode", "SoraPromptExpansion",
                 "SoraScheduler", "SoraEmptyLatentVideo", "SoraSampler", "SoraExtendForward", "SoraExtendBackward",
                 "SoraConnect", "SoraLoop", "SoraImageToVideo", "SoraVideoToVideo", "SoraJoinClips", "SoraVAEDecode",
-                "SoraVAEEncode", "SoraLoadImage", "SoraLoadVideo", "SoraSaveVideo"}
+                "SoraVAEEncode", "SoraLoadImage", "SoraLoadVideo", "SoraSaveVideo", "SoraMemoryOptions"}
     assert expected <= set(classes)
     assert set(names) == set(classes)
     assert all(cls.__module__.startswith(pack.__name__ + ".nodes.") for cls in classes.values())

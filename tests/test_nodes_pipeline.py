@@ -364,3 +364,25 @@ def test_missing_chat_model_is_named():
     with pytest.raises(InputError, match=r"^Sora Prompt Expansion: input 'model' = 'gone' is not in LLM or "
                                          r"text_encoders; put a chat model folder"):
         expand("a cat surfing", "wan", "gone")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory options
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_memory_options_stream_blocks_without_changing_the_result():
+    from sora.nodes.memory_options import SoraMemoryOptions
+    model = load_dit()
+    (streamed,) = SoraMemoryOptions().apply(model, 0.5, 0)
+    assert (streamed.blocks_resident, streamed.budget_bytes) == (0, 2**29)
+    assert (model.blocks_resident, model.budget_bytes) == (None, None) and streamed.dit is model.dit  # input kept
+    manager = memory.get_manager()
+    automatic = sample(model, empty(model))["samples"]
+    assert manager.state(model.dit).blocks_resident == model.config.num_layers
+    with_options = sample(streamed, empty(model))["samples"]
+    assert manager.state(model.dit).blocks_resident == 0  # every block streamed during the run
+    assert manager.options.budget_bytes is None  # the budget applied to that run only
+    assert torch.equal(automatic, with_options)
+    with pytest.raises(InputError, match=r"^Sora Memory Options: input 'blocks_resident' = 3 is more than the 2 "
+                                         r"blocks of wan2.1_t2v_1.3B_bf16.safetensors"):
+        SoraMemoryOptions().apply(model, 0.0, 3)
