@@ -51,7 +51,6 @@ from .dit import DiTConfig, WanDiT
 from .errors import InputError
 from .streaming import BlockStreamer, module_bytes, move_module, plan_resident_blocks
 from .text import clean_prompt
-from .vae_tiling import MIN_TILE
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +222,7 @@ class _Entry:
         self.override: int | None = None  # blocks resident chosen by the user
         self.cap: int | None = None  # most blocks resident after out-of-memory errors
         self.replan = False  # settings changed: choose the placement afresh at the next use
+        self.warned = False  # told the user once that even full streaming exceeds the budget
         self.on_move: Callable[[torch.device], None] | None = None
         self.streamer: BlockStreamer | None = None
         self.hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -256,7 +256,7 @@ class MemoryManager:
         self.options = replace(self.options, **changes)
         self._work_scale.clear()
         for entry in self._entries.values():
-            entry.cap, entry.replan = None, True
+            entry.cap, entry.replan, entry.warned = None, True, False
 
     # -- budget and ledger -----------------------------------------------------------------------------------------
 
@@ -467,7 +467,8 @@ class MemoryManager:
             resident = count
         else:
             resident = plan_resident_blocks(available - activation, entry.fixed_bytes, entry.block_bytes)
-            if resident == 0 and self._footprint(entry, STREAMED, 0) + activation > available:
+            if resident == 0 and self._footprint(entry, STREAMED, 0) + activation > available and not entry.warned:
+                entry.warned = True
                 log.warning("%s does not fit the memory budget even with every block streamed (%.2f GiB needed, "
                             "%.2f GiB available); trying anyway", entry.name,
                             (self._footprint(entry, STREAMED, 0) + activation) / GiB, available / GiB)
@@ -739,8 +740,9 @@ def encode_video(vae, video: torch.Tensor, *, manager: MemoryManager | None = No
 def _run_vae(vae, purpose: str, run: Callable, data: torch.Tensor, h: int, w: int, batch: int, encode: bool,
              manager: MemoryManager | None, callback) -> torch.Tensor:
     manager = manager or get_manager()
-    smallest = vae.working_bytes(min(h, MIN_TILE), min(w, MIN_TILE), batch=batch, encode=encode)
     whole = vae.working_bytes(h, w, batch=batch, encode=encode)
+    tiles = vae.plan_tiling(h, w, 0, batch=batch, encode=encode)  # the smallest tiles the VAE would use
+    smallest = vae.working_bytes(tiles.height, tiles.width, batch=batch, encode=encode)
     with manager.use(vae, activation_bytes=smallest) as placement:
         def step() -> torch.Tensor:
             budget = manager.budget_for(purpose, wanted=whole) if placement.device == manager.compute_device else None
