@@ -1,27 +1,27 @@
 """Frame conditioning: some latent frames are known, the rest are generated.
 
 One mechanism serves text-to-video with given frames, image-to-video, extension forward and backward, connecting
-two clips, looping and (with a partial schedule) video-to-video. (Wan's dedicated I2V models take their image
-through extra input channels instead; `wan_i2v_channels` builds those.) A condition is a `LATENT` dict as ComfyUI keeps
+two clips, looping and (with a partial schedule) video-to-video. A condition is a `LATENT` dict as ComfyUI keeps
 it: `samples` holds the raw latent [B, C, T, H, W] with the known frames in place, and `noise_mask`
 [B, 1, T, H, W] is 1 where frames are generated and 0 where they are kept. Core nodes read the same dict
 (ComfyUI's Wan22ImageToVideoLatent writes exactly this form), so conditions pass between our nodes and core's.
+(Wan's dedicated I2V models take their image through extra input channels instead; `wan_i2v_channels`.)
 
 How the sampler keeps known frames (`KnownFrames`):
 - Models trained with per-token timesteps (`config.per_token_timesteps`: Wan 2.2 TI2V-5B, nano) get timestep 0
   on kept frames and those frames stay clean for the whole run (ARCH_FACTS §4.8).
 - Other models (Wan 2.1, the A14B experts) see one timestep for all frames, so kept frames are put back at the
   current noise level after every step, `(1 − σ)·known + σ·ε`, with the run's fixed initial noise ε.
-Either way the sampler returns kept frames bit-exactly equal to the given latent.
+Either way, when the schedule ends at σ = 0, the sampler returns kept frames bit-exactly equal to the given latent.
 
 Frame counts (the causal 1 + 4k rule, ARCH_FACTS §2.2). A clip of T latent frames decodes to 1 + 4(T − 1) pixel
 frames: latent frame 0 holds one pixel frame, every later one holds four. The builders count latent frames.
 Extending a clip of T latent frames by N new frames with an overlap of k generates a part of k + N latent frames
 whose first k equal the clip's last k; `join` keeps the overlap once, A ++ B[k:], giving T + N latent frames,
 which is 1 + 4(T + N − 1) = F + 4N pixel frames: nothing doubled and nothing dropped. A clip's latent frame 0 was
-encoded from a single pixel frame; where a join puts it after other frames (extend backward, connect, the second
-clip's start), the decoder expands it to four frames that hold that image. For a frame-exact result there,
-re-encode the joined pixels.
+encoded from a single pixel frame; where a join puts it after other frames (extend backward, connect: the later
+clip's start), the decoder treats it as a four-frame chunk although it encodes one image. For a frame-exact
+result there, re-encode the joined pixels.
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ def latent_to_rgb(latent: torch.Tensor, fmt: LatentFormat | str) -> torch.Tensor
 
 def preview_frame(latent: torch.Tensor, fmt: LatentFormat | str, frame: int = 0) -> torch.Tensor:
     """One preview image [H, W, 3] in 0..1: latent frame `frame` of the first batch item (for progress bars)."""
-    T = latent.shape[2]
-    if not -T <= frame < T:
-        raise InputError(f"preview frame {frame} is outside the latent's {T} frames")
+    frames = latent.shape[2] if latent.ndim == 5 else 0
+    if not -frames <= frame < frames:
+        raise InputError(f"preview frame {frame} is outside the latent's {frames} frames")
     return latent_to_rgb(latent[:1, :, [frame]], fmt)[0, 0]
