@@ -10,10 +10,10 @@ from pathlib import Path
 
 import av
 import pytest
+from sora.nodes import load_node_mappings
 
 from sora import cli, memory, runtime, standins
 from sora.errors import CheckpointError
-from sora.nodes import load_node_mappings
 from sora.workflow import api_prompt, load_workflow, node_spec, validate
 
 REPO = Path(__file__).resolve().parents[1]

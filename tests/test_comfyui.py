@@ -1,0 +1,254 @@
+"""The pack inside a real ComfyUI: startup imports it without errors, every node is in /object_info, the web
+extension is served, and each shipped API-format workflow executes through POST /prompt on the tiny stand-ins,
+with progress, previews and the saved mp4 reported the way core's nodes report them.
+
+Runs only when COMFYUI_DIR names a ComfyUI checkout; its Python is COMFYUI_PYTHON, else COMFYUI_DIR/.venv/bin/python
+(the pack's runtime dependencies must be installed there). ComfyUI's own folders are left alone: `--base-directory`
+points it at a temporary folder holding custom_nodes/ (a link to this repository), models/ (the stand-ins), input/
+and output/.
+
+    COMFYUI_DIR=/path/to/ComfyUI python -m pytest -q tests/test_comfyui.py
+"""
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from sora.nodes import load_node_mappings
+from test_workflows import EXPECTED, FOLDER, SHRINK, nano_ready, probe
+
+from sora import standins
+from sora.workflow import node_spec
+
+COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", "")).expanduser()
+pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_DIR") or not (COMFYUI_DIR / "main.py").is_file(),
+                                reason="set COMFYUI_DIR to a ComfyUI checkout to run the pack inside ComfyUI")
+PACK = "sora_pack_under_test"  # any folder name works: ComfyUI imports the folder as a package of that name
+STARTUP_SECONDS = 300
+RUN_SECONDS = 300
+
+
+def comfy_python() -> str:
+    if os.environ.get("COMFYUI_PYTHON"):
+        return os.environ["COMFYUI_PYTHON"]
+    venv = COMFYUI_DIR / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else "python"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: Path, port: int, log: Path):
+        self.base, self.url, self.log = base, f"http://127.0.0.1:{port}", log
+        self.port = port
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=60) as response:
+            return json.load(response) if "json" in response.headers.get("Content-Type", "") else response.read()
+
+    def post(self, path: str, body: bytes, content_type: str = "application/json"):
+        request = urllib.request.Request(self.url + path, data=body, headers={"Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.load(response) if "json" in response.headers.get("Content-Type", "") else response.read()
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"POST {path} -> {e.code}: {e.read().decode()}") from None
+
+    def upload(self, path: Path, name: str) -> dict:
+        """POST /upload/image (multipart), as the editor uploads an input file."""
+        boundary = uuid.uuid4().hex
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + \
+            f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n--{boundary}--\r\n" \
+            .encode()
+        return self.post("/upload/image", body, f"multipart/form-data; boundary={boundary}")
+
+    def run(self, prompt: dict, client_id: str | None = None) -> dict:
+        """Queue an API-format prompt with a client_id and wait for its history entry."""
+        queued = self.post("/prompt", json.dumps({"prompt": prompt, "client_id": client_id or uuid.uuid4().hex})
+                           .encode())
+        assert queued["node_errors"] == {}, queued
+        deadline = time.monotonic() + RUN_SECONDS
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{queued['prompt_id']}")
+            entry = history.get(queued["prompt_id"])
+            if entry and (entry["status"]["completed"] or entry["status"]["status_str"] == "error"):
+                return entry
+            time.sleep(0.5)
+        raise AssertionError(f"prompt {queued['prompt_id']} did not finish in {RUN_SECONDS} s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfyui")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / PACK).symlink_to(FOLDER.parent, target_is_directory=True)
+    standins.write_standins(base / "models")
+    port = free_port()
+    log = base / "comfyui.log"
+    command = [comfy_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+               str(base), "--database-url", "sqlite:///:memory:", "--preview-method", "latent2rgb"]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(base, port, log)
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"ComfyUI exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                server.get("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"ComfyUI did not start in {STARTUP_SECONDS} s:\n{log.read_text()[-4000:]}")
+                time.sleep(1)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_startup_imports_the_pack_without_errors(server):
+    text = server.log.read_text()
+    timing = [line for line in text.splitlines() if line.strip().endswith(f"custom_nodes/{PACK}") or
+              f"custom_nodes/{PACK} " in line]
+    assert timing and not any("IMPORT FAILED" in line for line in timing), timing
+    assert f"{PACK}" not in "\n".join(line for line in text.splitlines()
+                                      if "Cannot import" in line or "Traceback" in line)
+    assert "sora nodes: could not load" not in text
+
+
+def test_every_node_is_in_object_info(server):
+    info = server.get("/object_info")
+    classes, names, _ = load_node_mappings()
+    for node_id, cls in classes.items():
+        assert node_id in info, node_id
+        entry = info[node_id]
+        assert entry["display_name"] == names[node_id] and entry["category"] == cls.CATEGORY
+        assert entry["python_module"] == f"custom_nodes.{PACK}"
+        assert entry["output_node"] == getattr(cls, "OUTPUT_NODE", False)
+        spec = node_spec(cls)
+        order = entry["input_order"]
+        assert order.get("required", []) + order.get("optional", []) == list(spec.inputs)
+    loader = info["SoraModelLoader"]["input"]["required"]["model_name"][0]
+    assert loader == ["nano (embedded)", "wan2.1_t2v_1.3B_bf16.safetensors", "wan2.2_ti2v_5B_fp16.safetensors"]
+
+
+def test_the_web_extension_is_served(server):
+    scripts = [path for path in server.get("/extensions") if f"/{PACK}/" in path]
+    assert scripts == [f"/extensions/{PACK}/js/sora_show_text.js"]
+    assert b"SoraPromptExpansion" in server.get(scripts[0])
+
+
+def shrunk(name: str, uploads: dict[str, str]) -> dict:
+    prompt = json.loads((FOLDER / "api" / f"{name}.json").read_text())
+    for node in prompt.values():
+        if not name.startswith("nano"):
+            node["inputs"].update(SHRINK.get(node["class_type"], {}))
+        for key in ("image", "video"):
+            if isinstance(node["inputs"].get(key), str) and node["inputs"][key] in uploads:
+                node["inputs"][key] = uploads[node["inputs"][key]]
+    return prompt
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_api_workflow_executes_through_post_prompt(server, name, tmp_path):
+    if name.startswith("nano") and not nano_ready():
+        pytest.skip("nano weights not trained yet")
+    uploads = {}
+    for asset in ("sora_start_frame.png", "sora_source_clip.mp4"):  # under new names: found in the input folder
+        uploaded = server.upload(FOLDER / "assets" / asset, f"uploaded_{asset}")
+        uploads[asset] = uploaded["name"]
+    entry = server.run(shrunk(name, uploads))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[-3000:]
+    (saved,) = [out for out in entry["outputs"].values() if "animated" in out]
+    assert saved["animated"] == [True] and saved["images"][0]["type"] == "output"
+    file = saved["images"][0]
+    query = urllib.parse.urlencode({"filename": file["filename"], "subfolder": file["subfolder"], "type": "output"})
+    (tmp_path / "clip.mp4").write_bytes(server.get(f"/view?{query}"))
+    assert probe(tmp_path / "clip.mp4") == EXPECTED[name]
+
+
+def test_progress_and_previews_reach_the_client(server):
+    websocket = pytest.importorskip("websocket")  # websocket-client, to listen like the editor does
+    client_id = uuid.uuid4().hex
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={client_id}", timeout=RUN_SECONDS)
+    try:
+        prompt = shrunk("wan21_t2v_1.3B", {})
+        sampler = next(i for i, n in prompt.items() if n["class_type"] == "SoraSampler")
+        server.post("/prompt", json.dumps({"prompt": prompt, "client_id": client_id}).encode())
+        progress, previews, executed = [], 0, []
+        while True:
+            message = ws.recv()
+            if isinstance(message, bytes):
+                previews += int.from_bytes(message[:4], "big") in (1, 4)  # PREVIEW_IMAGE(_WITH_METADATA)
+                continue
+            event = json.loads(message)
+            if event["type"] == "progress" and event["data"]["node"] == sampler:
+                progress.append((event["data"]["value"], event["data"]["max"]))
+            elif event["type"] == "executed":
+                executed.append(event["data"]["output"])
+            elif event["type"] == "execution_error":
+                raise AssertionError(event["data"]["exception_message"])
+            elif event["type"] == "executing" and event["data"]["node"] is None:
+                break
+    finally:
+        ws.close()
+    steps = SHRINK["SoraScheduler"]["steps"]
+    assert progress[-1] == (steps, steps) and previews >= steps
+    assert any("animated" in output for output in executed)
+
+
+def test_a_node_error_reaches_the_client_with_the_node_and_input(server):
+    prompt = shrunk("wan21_t2v_1.3B", {})
+    empty = next(i for i, n in prompt.items() if n["class_type"] == "SoraEmptyLatentVideo")
+    prompt[empty]["inputs"]["frames"] = 30
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "error"
+    errors = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
+    assert errors[0]["node_id"] == empty
+    assert errors[0]["exception_message"].startswith("Sora Empty Latent Video: input 'frames' = 30 is not 1+4k")
+
+
+def test_cancel_stops_sampling_between_steps(server):
+    websocket = pytest.importorskip("websocket")
+    client_id = uuid.uuid4().hex
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={client_id}", timeout=RUN_SECONDS)
+    try:
+        prompt = shrunk("wan21_t2v_1.3B", {})
+        steps = 1000
+        scheduler = next(i for i, n in prompt.items() if n["class_type"] == "SoraScheduler")
+        prompt[scheduler]["inputs"]["steps"] = steps
+        server.post("/prompt", json.dumps({"prompt": prompt, "client_id": client_id}).encode())
+        last, interrupted = 0, None
+        while interrupted is None:
+            message = ws.recv()
+            if isinstance(message, bytes):
+                continue
+            event = json.loads(message)
+            if event["type"] == "progress" and event["data"]["max"] == steps:
+                if last == 0:
+                    server.post("/interrupt", b"{}")
+                last = event["data"]["value"]
+            elif event["type"] == "execution_interrupted":
+                interrupted = event["data"]
+            elif event["type"] in ("execution_error", "execution_success"):
+                raise AssertionError(f"expected a cancel, got {event['type']}")
+    finally:
+        ws.close()
+    assert interrupted["node_type"] == "SoraSampler" and 0 < last < steps
