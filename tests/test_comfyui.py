@@ -21,10 +21,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sora.nodes import load_node_mappings
 from test_workflows import EXPECTED, FOLDER, SHRINK, nano_ready, probe
 
 from sora import standins
+from sora.nodes import load_node_mappings
 from sora.workflow import node_spec
 
 COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", "")).expanduser()
