@@ -21,11 +21,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_workflows import EXPECTED, FOLDER, SHRINK, nano_ready, probe
 
 from sora import standins
 from sora.nodes import load_node_mappings
 from sora.workflow import node_spec
+from test_workflows import EXPECTED, FOLDER, SHRINK, nano_ready, probe
 
 COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", "")).expanduser()
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_DIR") or not (COMFYUI_DIR / "main.py").is_file(),
