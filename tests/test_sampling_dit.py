@@ -1,11 +1,16 @@
-"""The sampler driving the real WanDiT (tiny random configs): guidance batching and known frames end to end."""
+"""The sampler driving the real WanDiT (tiny random configs): a whole run against diffusers' transformer and
+scheduler, guidance batching, known frames and extra input channels."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
 
 from sora import conditioning
-from sora.dit import PRESETS, WanDiT
+from sora.checkpoints import load_into
+from sora.dit import PRESETS, WanDiT, convert_diffusers
 from sora.latent_formats import WAN21
 from sora.samplers import sample
 from sora.schedules import flow_sigmas
@@ -23,6 +28,39 @@ def _tiny_dit(per_token: bool) -> WanDiT:
 
 def _context(rows: int, seed: int) -> torch.Tensor:
     return torch.randn(1, rows, 24, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_a_run_equals_diffusers_transformer_and_scheduler():
+    # The same weights in diffusers' WanTransformer3DModel, stepped by its UniPC with the pipeline's guidance
+    # loop. The only deliberate differences from diffusers' WanPipeline: the timestep is the float σ·1000 (as
+    # ComfyUI passes it; the reference truncates it to an integer) and the start is σ0·ε (ComfyUI's noise
+    # scaling; the pipeline starts from ε itself).
+    cfg = PRESETS["tiny"]
+    reference = WanTransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, eps=cfg.eps, rope_max_seq_len=cfg.rope_max_len).eval()
+    generator = torch.Generator().manual_seed(5)
+    for parameter in reference.parameters():
+        parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    ours = WanDiT(cfg).eval()
+    load_into(ours, convert_diffusers(reference.state_dict()), what="Wan DiT")
+
+    steps, shift, guidance, shape = 6, 5.0, 4.0, (1, 16, 3, 4, 4)
+    positive, negative = _context(5, 1), _context(8, 2)
+    result = sample(ours, torch.zeros(shape), flow_sigmas(steps, shift), positive, negative, guidance=guidance,
+                    sampler="unipc", seed=3)
+
+    scheduler = UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction")
+    scheduler.set_timesteps(sigmas=np.linspace(0.999, 0.0, steps + 1)[:-1])  # the reference grid
+    x = scheduler.sigmas[0] * torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    padded = [F.pad(c, (0, 0, 0, cfg.text_len - c.shape[1])) for c in (positive, negative)]
+    for i, t in enumerate(scheduler.timesteps):
+        timestep = (scheduler.sigmas[i].double() * 1000).float().reshape(1)
+        v_cond, v_uncond = (reference(x, timestep, c, return_dict=False)[0] for c in padded)
+        x = scheduler.step(v_uncond + guidance * (v_cond - v_uncond), t, x).prev_sample
+    torch.testing.assert_close(result, WAN21.denormalize(x), rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
