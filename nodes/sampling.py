@@ -159,6 +159,11 @@ class SoraSampler:
         node = type(self)
         samples = latent_samples(node, "latent", latent)
         channels = model.latent_format.channels
+        if model.config.in_dim != channels:
+            raise input_error(node, "model", model.name,
+                              f"is a Wan image-to-video model ({model.config.in_dim} input channels: the latent and "
+                              "the image's own channels), which this sampler cannot condition yet; for image to "
+                              "video use Wan 2.2 TI2V-5B with Sora Image To Video")
         if samples.shape[1] != channels:
             raise input_error(node, "latent", Described(f"LATENT {list(samples.shape)}"),
                               f"has {samples.shape[1]} channels but {model.name} works on {channels}; make the "

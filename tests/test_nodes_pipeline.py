@@ -1,6 +1,7 @@
 """The nodes on the tiny stand-in models: loaders and their cache, text encode in core's structure, the scheduler's
 defaults, the sampler's plumbing (seeds, frame conditioning, experts, progress, previews, cancel), VAE encode and
 decode, and prompt expansion."""
+import dataclasses
 import shutil
 
 import pytest
@@ -216,6 +217,10 @@ def test_sampler_errors_name_the_input():
         sample(model, empty(load_dit(WAN22)))
     with pytest.raises(InputError, match=r"^Sora Sampler: input 'negative': CONDITIONING must be a non-empty list"):
         sample(model, empty(model), positive=encode()[0], negative=[])
+    i2v = dataclasses.replace(model, dit=type("Dit", (), {"config": dataclasses.replace(model.config, in_dim=36,
+                                                                                          model_type="i2v")})())
+    with pytest.raises(InputError, match=r"^Sora Sampler: input 'model' = .* is a Wan image-to-video model \(36 "):
+        sample(i2v, empty(model))
 
 
 def test_two_experts_hand_off_and_refuse_swapped_roles(tmp_path, models):
