@@ -11,17 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._common import about, category, mappings
-from ._handles import (
-    DIT,
-    EXPERTS,
-    HIGH_NOISE,
-    LOW_NOISE,
-    SINGLE,
-    TEXT_ENCODER,
-    VAE,
-    DiffusionModel,
-    expert_from_name,
-)
+from ._handles import DIT, EXPERTS, HIGH_NOISE, LOW_NOISE, SINGLE, TEXT_ENCODER, VAE, DiffusionModel, expert_from_name
 from ._sora import sora
 
 NANO = "nano (embedded)"
@@ -52,19 +42,19 @@ def _choices(embedded: str | None, kind: str) -> list[str]:
     return ([embedded] if embedded else []) + sora.runtime.model_files(kind)
 
 
-def _model_file(node: type, kind: str, input_name: str, name: str, path: str) -> Path:
-    """The file chosen by the `path` input when given, else by the list entry `name` (the input `input_name`)."""
+def _source(node: type, kind: str, input_name: str, name: str, path: str, embedded: str, embedded_file) -> Path:
+    """The file or folder to load: the `path` input when given, else the list entry `name` of the input
+    `input_name`, where the entry `embedded` means `embedded_file()`."""
     if path.strip():
         with about(node, "path"):
             return sora.runtime.model_path(kind, str(Path(path.strip()).expanduser().absolute()))
     with about(node, input_name):
-        return sora.runtime.model_path(kind, name)
+        return embedded_file() if name == embedded else sora.runtime.model_path(kind, name)
 
 
-def _nano_file(node: type, input_name: str, part: str) -> Path:
-    """The shipped weights of the embedded nano model's `part` ("dit" or "vae")."""
-    with about(node, input_name):
-        return sora.nano.dit_path() if part == "dit" else sora.nano.vae_path()
+def _chosen(input_name: str, path: str) -> str:
+    """The input that chose the file, for error messages."""
+    return "path" if path.strip() else input_name
 
 
 class SoraModelLoader:
@@ -105,11 +95,8 @@ class SoraModelLoader:
         }
 
     def load(self, model_name, weight_dtype, compute_dtype, attention, expert, path=""):
-        if model_name == NANO and not path.strip():
-            file = _nano_file(type(self), "model_name", "dit")
-        else:
-            file = _model_file(type(self), "diffusion_models", "model_name", model_name, path)
-        with about(type(self), "path" if path.strip() else "model_name"):
+        file = _source(type(self), "diffusion_models", "model_name", model_name, path, NANO, sora.nano.dit_path)
+        with about(type(self), _chosen("model_name", path)):
             dit = sora.memory.get_manager().load(sora.dit.load_dit, file, weight_dtype=_dtype(weight_dtype),
                                                  compute_dtype=_compute_dtype(compute_dtype), attention=attention)
         role = expert_from_name(str(file)) if expert == AUTO_EXPERT else expert
@@ -117,7 +104,8 @@ class SoraModelLoader:
             raise sora.errors.InputError(
                 f"{self.DISPLAY_NAME}: input 'expert' = {role!r}, but {file.name} is a {dit.config.model_type} "
                 f"model, which is one model, not a {HIGH_NOISE} / {LOW_NOISE} expert; choose '{SINGLE}'")
-        return (DiffusionModel(dit, NANO if model_name == NANO and not path.strip() else file.name, role),)
+        name = NANO if model_name == NANO and not path.strip() else file.name
+        return (DiffusionModel(dit, name, role),)
 
 
 class SoraTextEncoderLoader:
@@ -150,12 +138,12 @@ class SoraTextEncoderLoader:
         }
 
     def load(self, text_encoder_name, weight_dtype, compute_dtype, path=""):
+        file = _source(type(self), "text_encoders", "text_encoder_name", text_encoder_name, path, MINILM,
+                       sora.text.minilm_folder)
         manager = sora.memory.get_manager()
-        if text_encoder_name == MINILM and not path.strip():
-            with about(type(self), "text_encoder_name"):
-                return (manager.load(_load_minilm, sora.text.minilm_folder()),)
-        file = _model_file(type(self), "text_encoders", "text_encoder_name", text_encoder_name, path)
-        with about(type(self), "path" if path.strip() else "text_encoder_name"):
+        with about(type(self), _chosen("text_encoder_name", path)):
+            if text_encoder_name == MINILM and not path.strip():
+                return (manager.load(_load_minilm, file),)
             return (manager.load(sora.text.load_text_encoder, file, dtype=_compute_dtype(compute_dtype),
                                  weight_dtype=_dtype(weight_dtype)),)
 
@@ -191,17 +179,14 @@ class SoraVAELoader:
         }
 
     def load(self, vae_name, dtype, path=""):
-        if vae_name == NANO and not path.strip():
-            file = _nano_file(type(self), "vae_name", "vae")
-        else:
-            file = _model_file(type(self), "vae", "vae_name", vae_name, path)
+        file = _source(type(self), "vae", "vae_name", vae_name, path, NANO, sora.nano.vae_path)
+        manager = sora.memory.get_manager()
         if dtype == "auto":
-            on_cpu = sora.memory.get_manager().compute_device.type == "cpu"
-            torch_dtype = _dtype("fp32") if on_cpu else None
+            torch_dtype = _dtype("fp32") if manager.compute_device.type == "cpu" else None
         else:
             torch_dtype = _dtype(dtype)
-        with about(type(self), "path" if path.strip() else "vae_name"):
-            return (sora.memory.get_manager().load(sora.vae.load_vae, file, dtype=torch_dtype),)
+        with about(type(self), _chosen("vae_name", path)):
+            return (manager.load(sora.vae.load_vae, file, dtype=torch_dtype),)
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(SoraModelLoader, SoraTextEncoderLoader, SoraVAELoader)

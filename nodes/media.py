@@ -6,11 +6,13 @@ directory. Absolute paths are used as they are.
 
 Saving: the mp4 goes under the output folder (ComfyUI's, or `--output-dir` headless) with ComfyUI's counter naming
 (`prefix_00001_.mp4`), never outside it whatever the prefix says, written atomically (no partial file when
-encoding fails), and is shown in the editor the way core's Save Video shows its result.
+encoding fails), and is shown in the editor the way core's Save Video shows its result. Like core's, it stores
+the graph in the file ("prompt", "workflow"), so the mp4 dropped into the editor brings its workflow back.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from ._common import about, category, input_error, mappings
@@ -150,14 +152,27 @@ class SoraSaveVideo:
             "filename_prefix": ("STRING", {"default": "sora/video",
                                            "tooltip": "File name start, with optional subfolders inside the output "
                                                       "folder; a counter and .mp4 are added."}),
-        }}
+        }, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
 
-    def save(self, frames, fps, crf, filename_prefix):
+    def save(self, frames, fps, crf, filename_prefix, prompt=None, extra_pnginfo=None):
         with about(type(self), "filename_prefix"):
             target = sora.runtime.save_path(filename_prefix, "mp4")
         with about(type(self), "frames"):
-            sora.video_io.write_mp4(target.path, frames, fps, crf=crf)
+            sora.video_io.write_mp4(target.path, frames, fps, crf=crf, metadata=_metadata(prompt, extra_pnginfo))
         return {"ui": {"images": [target.ui()], "animated": [True]}, "result": ()}
+
+
+def _metadata(prompt: dict | None, extra_pnginfo: dict | None) -> dict[str, str]:
+    """The graph stored in the mp4 as core's Save Video stores it: "prompt" and each extra_pnginfo entry
+    ("workflow") as JSON text; nothing when ComfyUI runs with --disable-metadata."""
+    if sora.runtime.in_comfyui():
+        from comfy.cli_args import args  # imported here: ComfyUI is only there when running inside it
+        if args.disable_metadata:
+            return {}
+    metadata = {key: json.dumps(value) for key, value in (extra_pnginfo or {}).items()}
+    if prompt is not None:
+        metadata["prompt"] = json.dumps(prompt)
+    return metadata
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(SoraLoadImage, SoraLoadVideo, SoraSaveVideo)

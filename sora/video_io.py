@@ -51,12 +51,14 @@ def frame_rate(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1000)
 
 
-def write_mp4(path: str | Path, frames: torch.Tensor, fps: float, *, crf: int = DEFAULT_CRF) -> Path:
+def write_mp4(path: str | Path, frames: torch.Tensor, fps: float, *, crf: int = DEFAULT_CRF,
+              metadata: dict[str, str] | None = None) -> Path:
     """Encode IMAGE frames [F, H, W, 3] (0..1) as an H.264 (yuv420p) mp4 at `path`, atomically.
 
     fps: frames per second (> 0); crf: libx264 constant rate factor, 0 (lossless) .. 51. H.264 in yuv420p needs an
-    even width and height. The file appears only when encoding succeeded; on any error nothing is left at `path`
-    and no temporary file remains.
+    even width and height. metadata: text tags stored in the file (ComfyUI keeps "prompt" and "workflow" there, so
+    a saved video drops back into the editor as its workflow). The file appears only when encoding succeeded; on
+    any error nothing is left at `path` and no temporary file remains.
     """
     import av  # PyAV is only needed by the code that writes or reads media
 
@@ -74,7 +76,9 @@ def write_mp4(path: str | Path, frames: torch.Tensor, fps: float, *, crf: int = 
     # A unique hidden name beside the target (mkstemp would create it with mode 0600, not the umask's).
     temporary = str(path.parent / f".{path.stem}.{uuid.uuid4().hex}.partial.mp4")
     try:
-        with av.open(temporary, mode="w", format="mp4") as container:
+        # use_metadata_tags: mp4 keeps arbitrary keys such as "workflow" (plain mp4 keeps only its standard tags)
+        with av.open(temporary, mode="w", format="mp4", options={"movflags": "use_metadata_tags"}) as container:
+            container.metadata.update(metadata or {})
             stream = container.add_stream("libx264", rate=frame_rate(fps))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             stream.options = {"crf": str(crf)}

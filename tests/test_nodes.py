@@ -2,6 +2,7 @@
 schema with tooltips, input errors name the node and the input, and the save node stays inside the output folder.
 """
 import inspect
+import json
 import logging
 import os
 import sys
@@ -96,7 +97,7 @@ def test_every_node_declares_a_consistent_schema(node_id, cls):
     function = getattr(cls, cls.FUNCTION)
     parameters = inspect.signature(function).parameters
     required = [n for n, i in spec.inputs.items() if i.required]
-    optional = [n for n, i in spec.inputs.items() if not i.required]
+    optional = [n for n, i in spec.inputs.items() if not i.required] + list(spec.hidden)
     assert set(required) | set(optional) == set(parameters) - {"self"}
     assert all(parameters[n].default is inspect.Parameter.empty for n in required)
     assert all(parameters[n].default is not inspect.Parameter.empty for n in optional)
@@ -227,6 +228,16 @@ def test_save_reports_its_file_like_core_save_video_and_counts_up(output):
         stream = container.streams.video[0]
         assert stream.codec_context.name == "h264" and stream.average_rate == 16
         assert sum(1 for _ in container.decode(stream)) == 9
+
+
+def test_save_stores_the_graph_in_the_file_like_core(output):
+    from sora.nodes.media import SoraSaveVideo
+    prompt = {"1": {"class_type": "SoraSaveVideo", "inputs": {"fps": 16.0}}}
+    workflow = {"nodes": [{"id": 1, "type": "SoraSaveVideo"}], "links": [], "version": 0.4}
+    SoraSaveVideo().save(moving_frames(), 16.0, 19, "clip", prompt=prompt, extra_pnginfo={"workflow": workflow})
+    with av.open(str(output / "clip_00001_.mp4")) as container:
+        stored = dict(container.metadata)
+    assert json.loads(stored["prompt"]) == prompt and json.loads(stored["workflow"]) == workflow
 
 
 @pytest.mark.parametrize("prefix", ["../escape", "/tmp/escape", "clips/../../escape", "C:/escape", "a/../../b"])

@@ -55,6 +55,13 @@ def test_the_file_gets_the_usual_permissions(tmp_path):
     assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
+def test_metadata_tags_are_stored(tmp_path):
+    tags = {"workflow": '{"nodes": []}', "prompt": '{"1": {}}', "comment": "ünïcode"}
+    path = video_io.write_mp4(tmp_path / "clip.mp4", moving_square(), 16, metadata=tags)
+    with av.open(str(path)) as container:
+        assert {k: container.metadata.get(k) for k in tags} == tags
+
+
 def test_higher_crf_gives_a_smaller_file(tmp_path):
     clip = moving_square(frames=17) + 0.05 * torch.rand(17, 32, 48, 3)
     fine = video_io.write_mp4(tmp_path / "fine.mp4", clip.clamp(0, 1), 16, crf=5)

@@ -14,7 +14,7 @@ import pytest
 from sora import cli, memory, runtime, standins
 from sora.errors import CheckpointError
 from sora.nodes import load_node_mappings
-from sora.workflow import api_prompt, load_workflow, node_spec, validate
+from sora.workflow import api_prompt, apply_overrides, load_workflow, node_spec, validate
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDER = REPO / "workflows"
@@ -166,6 +166,12 @@ def test_runs_end_to_end_with_sora_run(name, form, models, tmp_path, capsys):
     written = [Path(line) for line in capsys.readouterr().out.split()]
     assert len(written) == 1 and written[0].parent.parent == out and written[0].suffix == ".mp4"
     assert probe(written[0]) == EXPECTED[name]
+    with av.open(str(written[0])) as container:  # the graph travels in the file, as with core's Save Video
+        stored = dict(container.metadata)
+    settings = [o.removeprefix("--set=") for o in overrides(name)]
+    ran = apply_overrides(read(FOLDER / "api" / f"{name}.json"), settings, CLASSES)
+    assert graph(json.loads(stored["prompt"])) == graph(ran)
+    assert (json.loads(stored["workflow"]) == read(path)) if form == "ui" else "workflow" not in stored
 
 
 def test_the_console_script_runs_a_shipped_workflow(models, tmp_path):
