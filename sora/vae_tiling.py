@@ -71,8 +71,8 @@ class Tile:
     ramps: tuple[int, int, int, int] | None = None  # (top, bottom, left, right) ramp lengths; None: the only tile
 
     def weights(self, scale: int = 1) -> torch.Tensor:
-        """Blend weights [rows*scale, cols*scale] (scale: pixels per latent cell)."""
-        top, bottom, left, right = (r * scale for r in self.ramps)
+        """Blend weights [rows*scale, cols*scale] (scale: pixels per latent cell); all ones for the only tile."""
+        top, bottom, left, right = (r * scale for r in self.ramps or (0, 0, 0, 0))
         h = ramp((self.rows.stop - self.rows.start) * scale, top, bottom)
         w = ramp((self.cols.stop - self.cols.start) * scale, left, right)
         return h[:, None] * w[None, :]
