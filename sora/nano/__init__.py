@@ -1,1 +1,72 @@
+"""The embedded nano model: a small text-to-video model this package trains and ships, so that a fresh machine
+with no downloads makes a real, prompt-following video on the CPU in seconds.
 
+It uses the pack's own code paths: `sora.dit.WanDiT` with a small config, `sora.vae.WanVAE` with small widths,
+and the MiniLM text encoder (`sora.text.load_minilm`). Its world is closed (`vocabulary`): one circle, square or
+triangle in a named colour moving in a named direction on a plain background (`data`); `judge` reads colour and
+direction back from a clip. `train_vae` and `train_dit` are the training scripts; `weights/` holds the shipped
+files and their model card.
+
+Importing this package registers what the sampler and nodes need for the embedded model: the latent format
+"nano" (per-channel statistics stored in the shipped VAE file) and the sampling defaults "nano".
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..checkpoints import read_metadata
+from ..errors import CheckpointError
+from ..latent_formats import FORMATS, LatentFormat, register
+from ..schedules import TaskDefaults, register_defaults
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+DIT_FILE = WEIGHTS / "nano_dit.safetensors"
+VAE_FILE = WEIGHTS / "nano_vae.safetensors"
+
+# The settings the model was trained and measured with (see weights/MODEL_CARD.md): 64x64, 33 frames.
+DEFAULTS = TaskDefaults(steps=20, shift=3.0, guidance=5.0, frames=33, fps=16)
+WIDTH = HEIGHT = 64
+
+
+def _shipped(path: Path) -> Path:
+    if not path.is_file():
+        raise CheckpointError(f"the embedded nano model file {path.name} is missing from {path.parent}; reinstall "
+                              "the package (pip install -e .) or train it with python -m sora.nano.train_vae / "
+                              "train_dit")
+    return path
+
+
+def dit_path() -> Path:
+    """The shipped nano DiT (`sora.dit.load_dit` reads it)."""
+    return _shipped(DIT_FILE)
+
+
+def vae_path() -> Path:
+    """The shipped nano VAE (`sora.vae.load_vae` reads it)."""
+    return _shipped(VAE_FILE)
+
+
+def latent_format_from_metadata(metadata: dict[str, str]) -> LatentFormat:
+    """The "nano" `LatentFormat` described by a nano file's `sora.latent_stats` safetensors metadata."""
+    try:
+        stats = json.loads(metadata["sora.latent_stats"])
+        return LatentFormat(name="nano", channels=len(stats["mean"]), spatial=stats["spatial"],
+                            temporal=stats["temporal"], mean=tuple(stats["mean"]), std=tuple(stats["std"]),
+                            rgb_factors=tuple(tuple(row) for row in stats["rgb_factors"]),
+                            rgb_bias=tuple(stats["rgb_bias"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"the nano file's metadata has no valid sora.latent_stats ({e!r}); "
+                              "retrain or reinstall it") from None
+
+
+def latent_format_metadata(fmt: LatentFormat) -> dict[str, str]:
+    """The safetensors metadata entry that `latent_format_from_metadata` reads back."""
+    stats = dict(spatial=fmt.spatial, temporal=fmt.temporal, mean=list(fmt.mean), std=list(fmt.std),
+                 rgb_factors=[list(row) for row in fmt.rgb_factors], rgb_bias=list(fmt.rgb_bias))
+    return {"sora.latent_stats": json.dumps(stats)}
+
+
+register_defaults("nano", DEFAULTS)
+if VAE_FILE.is_file() and "nano" not in FORMATS:
+    register(latent_format_from_metadata(read_metadata(VAE_FILE)))

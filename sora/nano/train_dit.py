@@ -1,0 +1,317 @@
+"""Training the nano DiT: `sora.dit.WanDiT` at a small width, rectified flow on nano VAE latents of synthetic clips,
+conditioned on MiniLM token states.
+
+    python -m sora.nano.train_dit --vae runs/nano_vae/nano_vae.safetensors --run runs/nano_dit [--steps N]
+
+1. Data, built once and cached in <run>/data.pt (building resumes too): `clips` generator clips (64x64, 33
+   frames) encoded by the nano VAE and normalised with its latent statistics, and `captions_per_clip` captions
+   each, encoded by MiniLM with rows past a caption's length zero (as the text encode node gives them).
+2. Training. Noise levels σ are drawn uniformly and shifted toward noise (`shift`): the layout and the direction
+   of motion are decided at high noise, which is where the small model needs the most practice. A share of the
+   batches continue known frames, as extension and image-to-video ask of the model: a window of the clip whose
+   first k latent frames are clean and get timestep 0 (the DiT takes a timestep per latent frame), the loss
+   counting only the frames to generate. Captions are dropped for `text_dropout` of the samples (replaced by
+   the empty prompt's encoding) so that classifier-free guidance has an unconditional model to push against.
+   An exponential moving average of the weights is what gets evaluated and shipped.
+3. Every `eval_every` steps the EMA model generates clips for fixed prompts with the real sampler
+   (`sora.samplers.sample`, the nano defaults), the VAE decodes them and `judge` scores colour and direction;
+   the accuracies are logged. <run>/last.pt holds the state for resuming.
+4. At the end <run>/nano_dit.safetensors is written in the original Wan key layout with the `sora.*` metadata
+   `sora.dit.load_dit` reads (family nano, heads, text length) and the latent format.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..checkpoints import read_metadata
+from ..dit import DiTConfig, WanDiT
+from ..latent_formats import LatentFormat, register
+from ..samplers import sample
+from ..schedules import flow_sigmas, shift_sigmas
+from ..text import TextEncoder, load_minilm
+from ..vae import WanVAE, load_vae
+from . import DEFAULTS, data, judge, latent_format_from_metadata, latent_format_metadata
+from . import vocabulary as vocab
+
+SEED_BASE = 20_000_000  # training clip seeds; the VAE's lie at 10M, tests and benchmarks use small seeds
+EVAL_SEED_BASE = 30_000_000
+
+
+@dataclass(frozen=True)
+class DiTTrainConfig:
+    dim: int = 128
+    num_heads: int = 4  # head size 32: RoPE splits it into 6 time, 5 row and 5 column frequency pairs
+    num_layers: int = 4
+    ffn_dim: int = 512
+    text_len: int = 32  # MiniLM tokens kept; the longest caption is about 20
+    clips: int = 2000
+    captions_per_clip: int = 3
+    frames: int = 33
+    size: int = 64
+    batch: int = 32
+    steps: int = 3000
+    lr: float = 5e-4
+    warmup: int = 100
+    ema: float = 0.998
+    shift: float = 3.0
+    text_dropout: float = 0.15
+    extend_share: float = 0.3  # batches with known leading frames (extension, image-to-video)
+    short_share: float = 0.15  # text-to-video batches on a clip's first 5-8 latent frames (shorter videos)
+    eval_every: int = 500
+    eval_prompts: int = 16
+    log_every: int = 25
+    checkpoint_every: int = 100
+
+    def dit_config(self, channels: int) -> DiTConfig:
+        return DiTConfig(model_type="t2v", in_dim=channels, out_dim=channels, dim=self.dim, ffn_dim=self.ffn_dim,
+                         num_heads=self.num_heads, num_layers=self.num_layers, text_dim=384,
+                         text_len=self.text_len, latent_format="nano", per_token_timesteps=True)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------------------------
+
+def encode_captions(encoder: TextEncoder, captions: list[str], text_len: int) -> torch.Tensor:
+    """Captions -> [N, text_len, 384] token states, zero past each caption's length."""
+    out = torch.zeros(len(captions), text_len, encoder.dim)
+    for i in range(0, len(captions), 256):
+        embeds, _ = encoder.encode(captions[i:i + 256])
+        rows = min(text_len, embeds.shape[1])
+        out[i:i + len(embeds), :rows] = embeds[:, :rows]
+    return out
+
+
+def caption_variants(clip: data.Clip, seed: int, count: int) -> list[str]:
+    """The clip's own caption and `count - 1` more wordings of the same scene."""
+    return [clip.caption] + [data.write_caption(clip.scene, random.Random(f"{seed}/{k}")) for k in range(1, count)]
+
+
+def build_dataset(cfg: DiTTrainConfig, vae: WanVAE, fmt: LatentFormat, encoder: TextEncoder, path: Path) -> dict:
+    """Encode the training clips and captions once; partial work is saved every few hundred clips and resumed."""
+    partial = path.with_suffix(".partial.pt")
+    latents: list[torch.Tensor] = []
+    if partial.is_file():
+        latents = list(torch.load(partial, weights_only=True)["latents"].split(1))
+        print(f"resuming the dataset at clip {len(latents)}", flush=True)
+    started = time.time()
+    while len(latents) < cfg.clips:
+        first = len(latents)
+        seeds = range(SEED_BASE + first, SEED_BASE + min(first + 16, cfg.clips))
+        videos = torch.stack([data.make_clip(s, cfg.frames, cfg.size, cfg.size).video for s in seeds])
+        latents.extend(fmt.normalize(vae.encode(videos)).half().split(1))
+        if len(latents) // 256 > first // 256 or len(latents) == cfg.clips:
+            torch.save({"latents": torch.cat(latents)}, partial)
+            print(f"encoded {len(latents)}/{cfg.clips} clips, {time.time() - started:.0f}s", flush=True)
+    captions = []
+    for i in range(cfg.clips):
+        clip = data.make_clip(SEED_BASE + i, cfg.frames, cfg.size, cfg.size)
+        captions.extend(caption_variants(clip, SEED_BASE + i, cfg.captions_per_clip))
+    dataset = {"latents": torch.cat(latents), "context": encode_captions(encoder, captions, cfg.text_len).half(),
+               "empty": encode_captions(encoder, [""], cfg.text_len)}
+    torch.save(dataset, path)
+    partial.unlink()
+    return dataset
+
+
+def training_batch(dataset: dict, cfg: DiTTrainConfig, generator: torch.Generator):
+    """One batch: (x0 [B, C, T, H, W], known [B, T] bool, context [B, text_len, 384]).
+
+    Every sample of a batch shares one window of latent frames: the whole clip (text-to-video), its first 5-8
+    frames (shorter text-to-video), or a window starting at frame 0-4 and running to the end whose first 1-3
+    frames are known (extension; image-to-video when the window starts at 0).
+    """
+    latents, contexts = dataset["latents"], dataset["context"]
+    clips, _, frames = latents.shape[:3]
+    pick = lambda low, high: int(torch.randint(low, high + 1, (), generator=generator))  # noqa: E731
+    mode = float(torch.rand((), generator=generator))
+    start, length, known = 0, frames, 0
+    if mode < cfg.extend_share:
+        start = pick(0, frames - 5)
+        length = frames - start
+        known = pick(1, min(3, length - 2))
+    elif mode < cfg.extend_share + cfg.short_share:
+        length = pick(5, frames - 1)
+    index = torch.randint(0, clips, (cfg.batch,), generator=generator)
+    caption = index * cfg.captions_per_clip + torch.randint(0, cfg.captions_per_clip, (cfg.batch,),
+                                                            generator=generator)
+    x0 = latents[index, :, start:start + length].float()
+    context = contexts[caption].float()
+    drop = torch.rand(cfg.batch, generator=generator) < cfg.text_dropout
+    context[drop] = dataset["empty"][0]
+    known_frames = torch.zeros(cfg.batch, length, dtype=torch.bool)
+    known_frames[:, :known] = True
+    return x0, known_frames, context
+
+
+def flow_loss(model: WanDiT, x0: torch.Tensor, known: torch.Tensor, context: torch.Tensor, shift: float,
+              generator: torch.Generator) -> torch.Tensor:
+    """Rectified-flow loss: x_σ = (1-σ)·x0 + σ·ε, target v = ε - x0, on the frames that are not known.
+
+    Known frames enter clean with timestep 0, as the sampler gives them (sora.conditioning.KnownFrames).
+    """
+    B = x0.shape[0]
+    sigma = shift_sigmas(torch.rand(B, generator=generator), shift)  # [B]
+    sigma_frames = torch.where(known, 0.0, sigma[:, None])  # [B, T]
+    s = sigma_frames[:, None, :, None, None]
+    noise = torch.randn(x0.shape, generator=generator)
+    x_t = (1 - s) * x0 + s * noise
+    v = model(x_t, sigma_frames * 1000.0, context)
+    weight = (~known).float()[:, None, :, None, None].expand_as(v)
+    return ((v - (noise - x0)).square() * weight).sum() / weight.sum()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------------------------
+
+def eval_prompts(count: int) -> list[tuple[str, str, str]]:
+    """(colour, direction, caption) for `count` fixed prompts cycling through every direction and colour."""
+    colors, directions = sorted(vocab.COLORS), sorted(vocab.DIRECTIONS)
+    out = []
+    for i in range(count):
+        color, direction = colors[(i + i // len(colors)) % len(colors)], directions[i % len(directions)]
+        clip = data.make_clip(EVAL_SEED_BASE + i, color=color, direction=direction)
+        out.append((color, direction, clip.caption))
+    return out
+
+
+@torch.inference_mode()
+def generate(model: WanDiT, vae: WanVAE, context: torch.Tensor, empty: torch.Tensor, seed: int,
+             frames: int = 33, size: int = 64) -> torch.Tensor:
+    """Text-to-video with the real sampler at the nano defaults: contexts [B, L, 384] -> videos [B, 3, F, H, W]."""
+    fmt_spatial, fmt_temporal = vae.config.spatial_factor, vae.config.temporal_factor
+    latent = torch.zeros(len(context), vae.config.z_dim, (frames - 1) // fmt_temporal + 1, size // fmt_spatial,
+                         size // fmt_spatial)
+    sigmas = flow_sigmas(DEFAULTS.steps, DEFAULTS.shift)
+    raw = sample(model, latent, sigmas, context, empty, guidance=DEFAULTS.guidance, seed=seed)
+    return vae.decode(raw)
+
+
+def evaluate(model: WanDiT, vae: WanVAE, encoder: TextEncoder, cfg: DiTTrainConfig) -> dict[str, float]:
+    prompts = eval_prompts(cfg.eval_prompts)
+    context = encode_captions(encoder, [p[2] for p in prompts], cfg.text_len)
+    empty = encode_captions(encoder, [""], cfg.text_len)
+    videos = torch.cat([generate(model, vae, context[i:i + 8], empty, seed=i) for i in range(0, len(prompts), 8)])
+    verdicts = [judge.judge_video(v) for v in videos]
+    color = sum(v.color == p[0] for v, p in zip(verdicts, prompts)) / len(prompts)
+    motion = sum(v.direction == p[1] for v, p in zip(verdicts, prompts)) / len(prompts)
+    return {"color_acc": color, "motion_acc": motion}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training loop and export
+# ------------------------------------------------------------------------------------------------------------------
+
+def learning_rate(cfg: DiTTrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def export(model: WanDiT, cfg: DiTTrainConfig, fmt: LatentFormat, path: Path, extra: dict[str, str]) -> None:
+    """Write the weights (float32, original Wan keys) with the metadata `load_dit` reads."""
+    metadata = {"sora.family": "nano", "sora.kind": "dit", "sora.num_heads": str(cfg.num_heads),
+                "sora.text_len": str(cfg.text_len), **latent_format_metadata(fmt), **extra}
+    tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def train(cfg: DiTTrainConfig, vae_file: Path, run: Path) -> Path:
+    """Build or load the dataset, train (resuming from <run>/last.pt), export <run>/nano_dit.safetensors."""
+    run.mkdir(parents=True, exist_ok=True)
+    fmt = register(latent_format_from_metadata(read_metadata(vae_file)))
+    vae = load_vae(vae_file, dtype=torch.float32)
+    encoder = load_minilm()
+    data_file = run / "data.pt"
+    if data_file.is_file():
+        dataset = torch.load(data_file, weights_only=True)
+    else:
+        dataset = build_dataset(cfg, vae, fmt, encoder, data_file)
+
+    torch.manual_seed(0)
+    model = WanDiT(cfg.dit_config(fmt.channels))
+    ema = WanDiT(cfg.dit_config(fmt.channels)).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    step, history = 0, []
+    last = run / "last.pt"
+    if last.is_file():
+        state = torch.load(last, weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history = state["step"], json.loads(state["history"])
+        print(f"resumed from {last} at step {step}", flush=True)
+    print(f"nano DiT: {sum(p.numel() for p in model.parameters()):,} parameters, {len(dataset['latents'])} clips, "
+          f"config {cfg}", flush=True)
+
+    generator = torch.Generator().manual_seed(step)
+    started, total = time.time(), 0.0
+    while step < cfg.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        x0, known, context = training_batch(dataset, cfg, generator)
+        loss = flow_loss(model, x0, known, context, cfg.shift, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1.0 - cfg.ema)
+        step += 1
+        total += loss.item()
+        if step % cfg.log_every == 0:
+            history.append({"step": step, "loss": total / cfg.log_every})
+            print(f"step {step} loss {total / cfg.log_every:.4f} lr {learning_rate(cfg, step):.2e} "
+                  f"{time.time() - started:.0f}s", flush=True)
+            total = 0.0
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            scores = evaluate(ema, vae, encoder, cfg)
+            history.append({"step": step, **scores})
+            print(f"eval step {step} color_acc {scores['color_acc']:.2f} motion_acc {scores['motion_acc']:.2f}",
+                  flush=True)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            tmp = last.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                        "step": step, "history": json.dumps(history), "config": dataclasses.asdict(cfg)}, tmp)
+            tmp.replace(last)
+
+    out = run / "nano_dit.safetensors"
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h for h in history if "color_acc" in h]
+    export(ema, cfg, fmt, out, {"sora.train_steps": str(step), "sora.train_config": json.dumps(dataclasses.asdict(cfg)),
+                                "sora.final_loss": f"{sum(losses[-8:]) / max(len(losses[-8:]), 1):.4f}",
+                                "sora.eval": json.dumps(evals[-1] if evals else {})})
+    print(f"wrote {out}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vae", type=Path, default=Path("runs/nano_vae/nano_vae.safetensors"))
+    parser.add_argument("--run", type=Path, default=Path("runs/nano_dit"), help="checkpoint and output folder")
+    parser.add_argument("--steps", type=int, default=DiTTrainConfig.steps)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (more than the free cores slows it down)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    train(DiTTrainConfig(steps=args.steps), args.vae, args.run)
+
+
+if __name__ == "__main__":
+    main()
