@@ -111,6 +111,19 @@ def test_workflows_validate_in_both_formats(name):
     validate(load_workflow(FOLDER / f"{name}.json", CLASSES).prompt, CLASSES)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_the_editor_is_told_which_model_files_go_where(name):
+    """The workflow's `models` list feeds the editor's missing-models dialog: every file a loader names, in the
+    folder that loader reads, and nothing for the embedded models."""
+    folders = {"model_name": "diffusion_models", "text_encoder_name": "text_encoders", "vae_name": "vae"}
+    needed = {(node["inputs"][key], folder) for node in read(FOLDER / "api" / f"{name}.json").values()
+              for key, folder in folders.items() if "(embedded)" not in node["inputs"].get(key, "(embedded)")}
+    listed = read(FOLDER / f"{name}.json")["models"]
+    assert {(m["name"], m["directory"]) for m in listed} == needed and len(listed) == len(needed)
+    assert all(m["url"].startswith("https://huggingface.co/Comfy-Org/") and m["url"].endswith(
+        f"/split_files/{m['directory']}/{m['name']}") for m in listed)
+
+
 def test_readme_lists_every_workflow_and_the_models_it_needs():
     readme = (FOLDER / "README.md").read_text(encoding="utf-8")
     for name in NAMES:

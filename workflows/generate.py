@@ -29,6 +29,13 @@ UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 WAN21_VAE = "wan_2.1_vae.safetensors"
 WAN22_VAE = "wan2.2_vae.safetensors"
 NANO, MINILM, SMOLLM = "nano (embedded)", "minilm (embedded)", "smollm2-135m (embedded)"
+# Where the editor's missing-models dialog offers each file (ComfyUI's repackaged releases), and its folder.
+_WAN21 = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/"
+_WAN22 = "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/"
+MODEL_FILES = {
+    WAN21_DIT: (_WAN21, "diffusion_models"), WAN22_DIT: (_WAN22, "diffusion_models"),
+    UMT5: (_WAN21, "text_encoders"), WAN21_VAE: (_WAN21, "vae"), WAN22_VAE: (_WAN22, "vae"),
+}
 
 NODE_WIDTH, ROW_HEIGHT, COLUMN_GAP, ROW_GAP = 340, 26, 60, 40
 
@@ -155,9 +162,13 @@ def to_ui(graph: Graph, specs: dict) -> dict:
     for entry in nodes_json:
         for output in entry["outputs"]:
             output["links"] = outputs_links.get((entry["id"], output["slot_index"]), [])
+    files = [v for node in graph.nodes for v in node.inputs.values() if isinstance(v, str) and v in MODEL_FILES]
+    models = [{"name": f, "url": MODEL_FILES[f][0] + f"{MODEL_FILES[f][1]}/{f}", "directory": MODEL_FILES[f][1]}
+              for f in dict.fromkeys(files)]
     return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"sora-video-dit/workflows/{graph.name}")), "revision": 0,
             "last_node_id": note["id"], "last_link_id": len(links), "nodes": nodes_json + [note], "links": links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4,
+            "models": models}
 
 
 # ---------------------------------------------------------------------------------------------------------------
