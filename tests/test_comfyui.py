@@ -252,3 +252,25 @@ def test_cancel_stops_sampling_between_steps(server):
     finally:
         ws.close()
     assert interrupted["node_type"] == "SoraSampler" and 0 < last < steps
+
+
+def test_core_nodes_and_ours_connect_both_ways(server, tmp_path):
+    """Standard sockets: core's empty video latent and ConditioningZeroOut feed our sampler; our frames feed core's
+    CreateVideo and SaveVideo."""
+    prompt = shrunk("wan21_t2v_1.3B", {})
+    by_class = {n["class_type"]: i for i, n in prompt.items()}
+    prompt["90"] = {"class_type": "EmptyHunyuanLatentVideo",
+                    "inputs": {"width": 64, "height": 32, "length": 9, "batch_size": 1}}
+    prompt["91"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": [by_class["SoraTextEncode"], 0]}}
+    prompt["92"] = {"class_type": "CreateVideo", "inputs": {"images": [by_class["SoraVAEDecode"], 0], "fps": 16.0}}
+    prompt["93"] = {"class_type": "SaveVideo", "inputs": {"video": ["92", 0], "filename_prefix": "core/clip",
+                                                           "format": "mp4", "codec": "h264"}}
+    sampler = prompt[by_class["SoraSampler"]]["inputs"]
+    sampler["latent"], sampler["negative"] = ["90", 0], ["91", 0]
+    del prompt[by_class["SoraSaveVideo"]], prompt[by_class["SoraEmptyLatentVideo"]]
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[-3000:]
+    file = entry["outputs"]["93"]["images"][0]
+    query = urllib.parse.urlencode({"filename": file["filename"], "subfolder": file["subfolder"], "type": "output"})
+    (tmp_path / "core.mp4").write_bytes(server.get(f"/view?{query}"))
+    assert probe(tmp_path / "core.mp4") == (9, 64, 32, 16)
