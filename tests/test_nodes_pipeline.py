@@ -391,3 +391,49 @@ def test_memory_options_stream_blocks_without_changing_the_result():
     with pytest.raises(InputError, match=r"^Sora Memory Options: input 'blocks_resident' = 3 is more than the 2 "
                                          r"blocks of wan2.1_t2v_1.3B_bf16.safetensors"):
         SoraMemoryOptions().apply(model, 0.0, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The embedded defaults, on stand-in nano files (the shipped weights are exercised by test_workflows)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_nano(tmp_path, monkeypatch):
+    """Tiny random files in the nano layout (`sora.family` metadata, latent statistics in the VAE's metadata),
+    served by sora.nano's path helpers, with the "nano" latent format they describe."""
+    from safetensors.torch import save_file
+
+    from sora import latent_formats, nano
+    from sora.dit import DiTConfig, WanDiT
+    from sora.vae import VAEConfig, WanVAE
+
+    fmt = latent_formats.LatentFormat(name="nano", channels=4, spatial=8, temporal=4, mean=(0.1,) * 4, std=(0.5,) * 4,
+                                      rgb_factors=((0.3, 0.1, 0.0),) * 4, rgb_bias=(0.0, 0.0, 0.0))
+    config = DiTConfig(in_dim=4, out_dim=4, dim=64, ffn_dim=64, num_heads=2, num_layers=1, text_dim=384,
+                       freq_dim=32, latent_format="nano", per_token_timesteps=True)
+    dit_file, vae_file = tmp_path / "nano_dit.safetensors", tmp_path / "nano_vae.safetensors"
+    save_file(standins._seeded(7, lambda: WanDiT(config)).state_dict(), str(dit_file),
+              metadata={"sora.family": "nano", "sora.num_heads": "2"})
+    save_file(standins._seeded(8, lambda: WanVAE(VAEConfig.tiny(z_dim=4))).state_dict(), str(vae_file),
+              metadata=nano.latent_format_metadata(fmt))
+    monkeypatch.setattr(nano, "dit_path", lambda: dit_file)
+    monkeypatch.setattr(nano, "vae_path", lambda: vae_file)
+    monkeypatch.setitem(latent_formats.FORMATS, "nano", fmt)
+    return fmt
+
+
+def test_the_embedded_models_are_the_defaults_and_need_no_file(fake_nano, host):
+    from sora import nano
+    defaults = {name: spec[1]["default"] for loader in (loaders.SoraModelLoader, loaders.SoraTextEncoderLoader,
+                                                        loaders.SoraVAELoader)
+                for name, spec in loader.INPUT_TYPES()["required"].items() if name.endswith("_name")}
+    assert defaults == {"model_name": loaders.NANO, "text_encoder_name": loaders.MINILM, "vae_name": loaders.NANO}
+    model, encoder, vae = load_dit(loaders.NANO), load_encoder(loaders.MINILM), load_vae(loaders.NANO)
+    assert model.name == loaders.NANO and model.task == "nano" and encoder.name == "minilm-l6"
+    assert torch.equal(sigmas(model, 4), schedules.flow_sigmas(4, nano.DEFAULTS.shift))  # the nano default shift
+    positive, negative = text_encode.SoraTextEncode().encode(encoder, "a red circle moving right", "none", "")
+    latent = sampling.SoraEmptyLatentVideo().generate(model, 32, 32, 9, 1)[0]
+    assert latent["samples"].shape == (1, fake_nano.channels, 3, 4, 4)
+    out = sample(model, latent, positive=positive, negative=negative)
+    frames = vae_codec.SoraVAEDecode().decode(vae, out, "auto", 512, 64)[0]
+    assert frames.shape == (9, 32, 32, 3)
