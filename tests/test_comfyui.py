@@ -152,7 +152,12 @@ def test_every_node_is_in_object_info(server):
 def test_the_web_extension_is_served(server):
     scripts = [path for path in server.get("/extensions") if f"/{PACK}/" in path]
     assert scripts == [f"/extensions/{PACK}/js/sora_show_text.js"]
-    assert b"SoraPromptExpansion" in server.get(scripts[0])
+    source = server.get(scripts[0]).decode()
+    assert "SoraPromptExpansion" in source
+    # the module it imports resolves, from where the editor loads it, to the editor's own app module
+    imported = source.split('from "', 1)[1].split('"', 1)[0]
+    resolved = urllib.parse.urlparse(urllib.parse.urljoin(server.url + scripts[0], imported)).path
+    assert b"export const app" in server.get(resolved)
 
 
 def shrunk(name: str, uploads: dict[str, str]) -> dict:

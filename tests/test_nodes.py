@@ -286,3 +286,53 @@ def test_save_names_bad_frames(output):
     with pytest.raises(InputError, match=r"^Sora Save Video: input 'frames': H.264 video needs an even width"):
         SoraSaveVideo().save(torch.rand(3, 31, 48, 3), 16.0, 19, "clip")
     assert not output.exists() or [p for p in output.rglob("*") if p.is_file()] == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The web extension
+# ---------------------------------------------------------------------------------------------------------------
+
+EXTENSION_DRIVER = """
+globalThis.document = {createElement: (tag) => ({tag, value: "", style: {}, readOnly: false})};
+const {registered} = await import("./scripts/app.js");
+await import("./extensions/sora/js/sora_show_text.js");
+const extension = registered[0];
+class Node { constructor() { this.widgets = []; } }
+Node.prototype.addDOMWidget = function (name, type, element, options) {  // as the ComfyUI frontend's
+    const widget = {name, type, element, options};
+    this.widgets.push(widget);
+    return widget;
+};
+Node.prototype.setDirtyCanvas = function () {};
+let seen = null;
+Node.prototype.onExecuted = function (output) { seen = output; };
+await extension.beforeRegisterNodeDef(Node, {name: "SoraPromptExpansion"});
+const other = class {};
+await extension.beforeRegisterNodeDef(other, {name: "SoraSampler"});
+const node = new Node();
+node.onExecuted({text: ["a red ball"]});
+node.onExecuted({text: ["a blue square"]});
+console.log(JSON.stringify({name: extension.name, widgets: node.widgets.length, text: node.widgets[0].element.value,
+    readOnly: node.widgets[0].element.readOnly, serialize: node.widgets[0].serialize, chained: seen !== null,
+    untouched: other.prototype.onExecuted === undefined}));
+"""
+
+
+def test_the_web_extension_shows_the_caption_on_the_node(tmp_path):
+    import shutil
+    import subprocess
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node.js is not installed; the extension runs in the browser")
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "app.js").write_text(
+        "export const registered = []; export const app = {registerExtension: (e) => registered.push(e)};")
+    target = tmp_path / "extensions" / "sora" / "js"
+    target.mkdir(parents=True)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copy(os.path.join(repo, "web", "js", "sora_show_text.js"), target)
+    (tmp_path / "driver.mjs").write_text(EXTENSION_DRIVER)
+    done = subprocess.run([node, "driver.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"name": "sora.ShowExpandedPrompt", "widgets": 1, "text": "a blue square",
+                                       "readOnly": True, "serialize": False, "chained": True, "untouched": True}

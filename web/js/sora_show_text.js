@@ -1,6 +1,6 @@
 // Shows the caption a Sora Prompt Expansion node produced (its "text" UI output) on the node itself, in a
 // read-only box below its widgets, so the expanded prompt can be read (and copied) in the editor.
-import { app } from "../../scripts/app.js";
+import { app } from "../../../scripts/app.js";  // served at /extensions/<pack>/js/
 
 const NODE = "SoraPromptExpansion";
 const BOX = "expanded_prompt_shown";
