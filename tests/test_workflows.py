@@ -208,3 +208,21 @@ def test_missing_models_are_named_before_anything_runs(tmp_path, capsys):
     assert code == 1
     assert "node #1 (SoraModelLoader), input 'model_name'" in error and "wan2.1_t2v_1.3B_bf16.safetensors" in error
     assert not out.exists()
+
+
+def test_repeated_runs_reuse_the_loaded_models(models, tmp_path, monkeypatch, capsys):
+    from sora import dit, text, vae
+    loads = []
+    for module, name in ((dit, "load_dit"), (text, "load_text_encoder"), (vae, "load_vae")):
+        real = getattr(module, name)
+
+        def counting(*args, real=real, name=name, **kwargs):
+            loads.append(name)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, counting)
+    path = FOLDER / "api" / "wan21_t2v_1.3B.json"
+    for run in range(3):
+        argv = ["run", str(path), "--models-dir", str(models), "--output-dir", str(tmp_path / "out")]
+        assert cli.main(argv + overrides("wan21_t2v_1.3B")) == 0
+    assert sorted(loads) == ["load_dit", "load_text_encoder", "load_vae"]  # once each, for three runs
+    assert len(capsys.readouterr().out.split()) == 3  # three videos: _00001_, _00002_, _00003_
