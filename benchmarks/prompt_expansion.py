@@ -62,21 +62,20 @@ def main() -> None:
         ours_s.append(seconds)
         seconds, (theirs, theirs_tokenizer) = timed(load_transformers)
         theirs_s.append(seconds)
-    ids = ours.tokenizer.apply_chat_template(wan_messages("a cat surfing"), add_generation_prompt=True)
-    ids = torch.tensor([ids["input_ids"] if isinstance(ids, dict) else ids])
-    same_ids = ids[0].tolist() == theirs_tokenizer.apply_chat_template(
-        wan_messages("a cat surfing"), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    with torch.no_grad():
-        diff = (ours.model(ids).logits - theirs(ids).logits).abs().max().item()
-    del theirs
-
     print(f"{'step':<34}{'seconds':>10}{'tokens/s':>10}")
     print(f"{'load: ours (one GGUF pass)':<34}{statistics.median(ours_s):>10.2f}{'':>10}")
     print(f"{'load: transformers gguf_file=':<34}{statistics.median(theirs_s):>10.2f}{'':>10}")
+    chat = wan_messages("a cat surfing")
+    ids = ours.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
+    same_ids = ids == theirs_tokenizer.apply_chat_template(chat, add_generation_prompt=True,
+                                                           return_dict=True)["input_ids"]
+    with torch.no_grad():
+        diff = (ours.model(torch.tensor([ids])).logits - theirs(torch.tensor([ids])).logits).abs().max().item()
+    del theirs
     print(f"same prompt tokens: {same_ids}; max |logit difference|: {diff:.2e}")
     expand_s = []
     for creativity in (0.0, 0.7):
-        seconds, reply = timed(ours.reply, wan_messages("a cat surfing"),
+        seconds, reply = timed(ours.reply, chat,
                                sampling=Sampling.from_creativity(creativity), max_new_tokens=args.tokens)
         expand_s.append(seconds)
         print(f"{f'reply: creativity {creativity}, {reply.tokens} tokens':<34}{seconds:>10.2f}"

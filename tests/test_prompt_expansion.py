@@ -333,6 +333,21 @@ def test_gguf_matches_transformers_gguf_loader(tmp_path, backend, arch, pre, qty
     torch.testing.assert_close(ours_logits, reference_logits, rtol=1e-5, atol=1e-5)
 
 
+def test_unusable_gguf_files(tmp_path):
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"not a gguf file at all")
+    with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+        pe.ChatModel(corrupt).load()
+    other = tmp_path / "other.gguf"
+    writer = gguf.GGUFWriter(str(other), "gemma")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match="'gemma' GGUF.*llama and qwen2.*safetensors folder"):
+        pe.ChatModel(other).load()
+
+
 def test_unquantised_gguf_round_trips_the_source_model(tmp_path, backend):
     """An F32 llama GGUF (q/k rows in llama.cpp order) loads back to exactly the model it was written from."""
     torch.manual_seed(0)
