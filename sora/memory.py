@@ -126,8 +126,8 @@ def dit_activation_bytes(config: DiTConfig, *, batch: int, tokens: int, compute_
                                                                                                       + 4·in_dim·patch
     Per sample: the embedded text context and the cross-attention keys and values, text_len·D·(4 + 4c) at most.
     Not included: the attention kernel's own workspace (flash / memory-efficient kernels need O(tokens); the math
-    fallback would need batch·heads·tokens² more). `tests/test_memory.py` checks the estimate against the tensors
-    actually alive during a forward.
+    fallback would need batch·heads·tokens² more). `tests/test_memory_streaming.py` checks the estimate against
+    the tensors actually alive during a forward.
     """
     D, F, c = config.dim, config.ffn_dim, torch.empty(0, dtype=compute_dtype).element_size()
     per_token = max((16 + 3 * c) * D, 12 * D + 2 * c * F, 20 * D + c * F + c * D)
@@ -150,7 +150,7 @@ def weight_workspace_bytes(model: nn.Module) -> int:
     return largest
 
 
-def _dit_call_bytes(model: WanDiT, args: tuple, kwargs: dict) -> int:
+def dit_call_activation_bytes(model: WanDiT, args: tuple, kwargs: dict) -> int:
     """The activation estimate for one call `model(x, timestep, context)`."""
     x = args[0] if args else kwargs["x"]
     timestep = args[1] if len(args) > 1 else kwargs["timestep"]
@@ -213,7 +213,7 @@ class _Entry:
         self.blocks = _repeated_blocks(model)
         self.block_bytes = [module_bytes(b) for b in self.blocks] if self.blocks is not None else []
         self.fixed_bytes = self.bytes - sum(self.block_bytes)
-        self.estimate = _dit_call_bytes if isinstance(model, WanDiT) else None
+        self.estimate = dit_call_activation_bytes if isinstance(model, WanDiT) else None
         self.location = OFFLOADED
         self.resident_blocks: int | None = None
         self.placed = 0  # bytes of weights on the compute device (streamed blocks in flight not included)
@@ -511,9 +511,10 @@ class MemoryManager:
             placed = entry.bytes if location == RESIDENT else 0
         self._account(placed - entry.placed)
         entry.location, entry.placed = location, placed
-        entry.resident_blocks = resident if entry.blocks is not None and location != OFFLOADED else None
-        if entry.blocks is not None and location == RESIDENT:
-            entry.resident_blocks = len(entry.blocks)
+        if entry.blocks is None or location == OFFLOADED:
+            entry.resident_blocks = None
+        else:
+            entry.resident_blocks = len(entry.blocks) if location == RESIDENT else resident
 
     # -- making room -----------------------------------------------------------------------------------------------
 
@@ -613,10 +614,17 @@ class MemoryManager:
         changes = []
         for key in used:
             entry = self._entries.get(key)
-            if entry is None or entry.blocks is None or entry.location == OFFLOADED or not entry.resident_blocks:
+            if entry is None or entry.blocks is None:
                 continue
-            entry.cap = entry.resident_blocks // 2
-            self._move(entry, STREAMED, entry.cap)
+            if entry.location != OFFLOADED:
+                current = entry.resident_blocks
+            else:  # placing it failed: its next plan gets the smaller cap
+                current = len(entry.blocks) if entry.cap is None else entry.cap
+            if current == 0:
+                continue
+            entry.cap = current // 2
+            if entry.location != OFFLOADED:
+                self._move(entry, STREAMED, entry.cap)
             changes.append(f"streaming more of {entry.name} ({entry.cap} of {len(entry.blocks)} blocks resident)")
         return "; ".join(changes) or None
 

@@ -102,14 +102,13 @@ class BlockStreamer:
         for block in self.blocks[:self.resident]:
             move_module(block, self.device)
         for index in self.streamed:
-            entries = []
+            entries = self.store[index] = []  # filled as we go, so that `detach` can undo a failed attach
             for slot in tensor_slots(self.blocks[index]):
                 tensor = getattr(slot[0], slot[1]).detach().to("cpu")
                 if self.device.type == "cuda":
                     tensor = tensor.pin_memory()  # page-locked: the copy to the device can run asynchronously
                 entries.append((slot, tensor))
                 set_slot(slot, torch.empty_like(tensor, device="meta"))
-            self.store[index] = entries
             self.sizes[index] = sum(t.numel() * t.element_size() for _, t in entries)
         for position, block in enumerate(self.blocks):
             if position in self.store or position + 1 in self.store:

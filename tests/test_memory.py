@@ -29,8 +29,9 @@ def linear_bytes(n_in: int, n_out: int) -> int:
 
 def tiny_dit(layers: int = 6, **changes) -> WanDiT:
     """A small random DiT with a non-zero head (a fresh Wan head is zero, which would make every output 0)."""
-    config = DiTConfig(**{**dict(dim=64, ffn_dim=128, num_heads=2, num_layers=layers, text_dim=24, text_len=8,
-                                 freq_dim=16), **changes})
+    sizes = {"dim": 64, "ffn_dim": 128, "num_heads": 2, "num_layers": layers, "text_dim": 24, "text_len": 8,
+             "freq_dim": 16}
+    config = DiTConfig(**{**sizes, **changes})
     model = WanDiT(config).eval().requires_grad_(False)
     nn.init.normal_(model.head.head.weight, std=0.02)
     return model
@@ -125,11 +126,10 @@ def test_a_model_in_use_is_never_evicted_and_what_cannot_fit_runs_offloaded(mana
     a, b = nn.Linear(100, 200), nn.Linear(100, 300)
     big = nn.Linear(100, 400)
     manager.configure(budget_bytes=linear_bytes(100, 200) + linear_bytes(100, 300) + 100)
-    with manager.use(a):
-        with manager.use(b):
-            with manager.use(big) as placement:  # both others are busy: no room, so it runs in host memory
-                assert placement.location == "offloaded" and placement.device == manager.offload_device
-            assert manager.state(a).location == manager.state(b).location == "resident"
+    with manager.use(a), manager.use(b):
+        with manager.use(big) as placement:  # both others are busy: no room, so it runs in host memory
+            assert placement.location == "offloaded" and placement.device == manager.offload_device
+        assert manager.state(a).location == manager.state(b).location == "resident"
     with manager.use(big) as placement:  # idle now: they leave, least recently used first, as far as needed
         assert placement.location == "resident"
     assert manager.state(a).location == manager.state(b).location == "offloaded"  # it needs both gone

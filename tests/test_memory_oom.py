@@ -4,13 +4,13 @@ import logging
 
 import pytest
 import torch
+from test_memory import one_thread, tiny_dit  # noqa: F401 (one_thread: an autouse fixture)
 from torch import nn
 
 from sora import memory, samplers
 from sora.memory import MemoryManager, MemoryOptions
 from sora.streaming import module_bytes
 from sora.vae import VAEConfig, WanVAE
-from test_memory import one_thread, tiny_dit  # noqa: F401 (one_thread: an autouse fixture)
 
 
 @pytest.fixture
@@ -115,3 +115,20 @@ def test_vae_decode_retries_with_smaller_tiles(manager):
     assert torch.equal(out, vae.decode(latent, memory_budget=int(free * 0.5)))  # tiled with half the room
     assert not torch.equal(out, vae.decode(latent))
     assert manager.budget_for("vae_decode") == int(free * 0.5)  # later decodes start small
+
+
+def test_an_error_while_placing_the_weights_caps_the_next_plan(manager, dit, monkeypatch):
+    reference = run(dit, guidance=1.0)
+    manager.evict_idle()
+    apply, failed = manager._apply, []
+
+    def failing(entry, model, location, resident):  # the card refuses the weights, as a real GPU would
+        if location == "resident" and not failed:
+            failed.append(location)
+            raise torch.OutOfMemoryError("CUDA out of memory while placing weights (injected by the test)")
+        return apply(entry, model, location, resident)
+    monkeypatch.setattr(manager, "_apply", failing)
+    out = run(dit, guidance=1.0)
+    assert failed and torch.equal(out, reference)
+    placement = manager.state(dit)
+    assert placement.location == "streamed" and placement.blocks_resident == 3

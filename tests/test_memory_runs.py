@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_memory import one_thread, tiny_dit  # noqa: F401 (one_thread: an autouse fixture)
 
 from sora import memory, samplers
 from sora.dit import load_dit
@@ -20,7 +21,6 @@ from sora.memory import MemoryManager, MemoryOptions
 from sora.streaming import module_bytes
 from sora.vae import VAEConfig, WanVAE, load_vae
 from sora.workflow import execute
-from test_memory import one_thread, tiny_dit  # noqa: F401 (one_thread: an autouse fixture)
 
 STATM = Path("/proc/self/statm")
 LEAKED = []  # what the leaky loader keeps, as a cache bug would

@@ -4,6 +4,7 @@ import weakref
 
 import pytest
 import torch
+from test_memory import one_thread, tiny_dit  # noqa: F401 (one_thread: an autouse fixture)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
@@ -11,7 +12,6 @@ from sora import memory
 from sora.dit import DiTConfig, WanDiT
 from sora.memory import MemoryManager, MemoryOptions, dit_activation_bytes
 from sora.streaming import module_bytes
-from test_memory import one_thread, tiny_dit  # noqa: F401 (one_thread: an autouse fixture)
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_most_blocks_streamed_gives_bitwise_the_resident_output(manager, per_tok
 
     block = module_bytes(model.blocks[0])
     fixed = module_bytes(model) - 8 * block
-    activation = memory._dit_call_bytes(model, (x, t, context), {})
+    activation = memory.dit_call_activation_bytes(model, (x, t, context), {})
     budget = fixed + 4 * block + activation  # room for 2 resident blocks and the 2-block window
     manager.configure(budget_bytes=budget)
     manager.register(model)
@@ -153,7 +153,7 @@ def test_activation_estimate_bounds_the_measured_peak(dim, ffn_dim, heads, dtype
                                                                     context)}
     with torch.no_grad(), LiveBytes(existing) as live:
         model(x, t, context)
-    estimate = memory._dit_call_bytes(model, (x, t, context), {})
+    estimate = memory.dit_call_activation_bytes(model, (x, t, context), {})
     assert live.peak <= estimate <= 1.25 * live.peak
 
 
