@@ -247,13 +247,17 @@ class MemoryManager:
 
     def configure(self, *, budget_bytes: int | None = None, reserve_bytes: int | None = None,
                   cache_bytes: int | None = None) -> None:
-        """Change the budget (None: automatic), the reserve (None: keep) or the cache limit (None: keep)."""
+        """Change the budget (None: automatic), the reserve (None: keep) or the cache limit (None: keep). A change
+        re-plans every model at its next use and forgets the smaller footprints out-of-memory errors had forced."""
         changes = {"budget_bytes": budget_bytes}
         if reserve_bytes is not None:
             changes["reserve_bytes"] = reserve_bytes
         if cache_bytes is not None:
             changes["cache_bytes"] = cache_bytes
-        self.options = replace(self.options, **changes)
+        options = replace(self.options, **changes)
+        if options == self.options:
+            return  # nothing changed: keep the plans and what out-of-memory errors taught
+        self.options = options
         self._work_scale.clear()
         for entry in self._entries.values():
             entry.cap, entry.replan, entry.warned = None, True, False
@@ -317,7 +321,8 @@ class MemoryManager:
 
     def set_blocks_resident(self, model: nn.Module, blocks: int | None) -> None:
         """The expert override for a model with repeated blocks: keep `blocks` of them on the compute device and
-        stream the rest, whatever the budget says; None returns to the automatic choice. Applies at the next use.
+        stream the rest, whatever the budget says; None returns to the automatic choice. A new value applies at the
+        next use; setting the same value again changes nothing.
         """
         self.register(model)
         entry = self._entries[id(model)]
@@ -325,7 +330,8 @@ class MemoryManager:
             limit = f"0..{len(entry.blocks)}" if entry.blocks is not None else "none: it has no repeated blocks"
             raise InputError(f"blocks resident {blocks} is out of range for {entry.name} ({limit}); "
                              "use a number in that range, or automatic")
-        entry.override, entry.cap, entry.replan = blocks, None, True
+        if blocks != entry.override:
+            entry.override, entry.cap, entry.replan = blocks, None, True
 
     def _add(self, model: nn.Module, name: str) -> _Entry:
         entry = _Entry(model, name)

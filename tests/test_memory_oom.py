@@ -132,3 +132,16 @@ def test_an_error_while_placing_the_weights_caps_the_next_plan(manager, dit, mon
     assert failed and torch.equal(out, reference)
     placement = manager.state(dit)
     assert placement.location == "streamed" and placement.blocks_resident == 3
+
+
+def test_settings_set_again_unchanged_keep_what_an_error_taught(manager, dit):
+    inject_oom(dit.blocks[1], times=1)
+    run(dit, guidance=1.0)
+    assert manager.state(dit).blocks_resident == 3
+    manager.set_blocks_resident(dit, None)  # what a node sets before every run
+    manager.configure(budget_bytes=None)
+    run(dit, guidance=1.0)
+    assert manager.state(dit).blocks_resident == 3  # no new out-of-memory error needed to find it again
+    manager.configure(budget_bytes=10**9)  # a real change starts afresh
+    run(dit, guidance=1.0)
+    assert manager.state(dit).location == "resident"
