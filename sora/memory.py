@@ -604,7 +604,7 @@ class MemoryManager:
                 change = self._smaller_footprint(used, fallbacks)
                 if change is None:
                     raise
-                log.warning("out of memory in %s; retrying after %s", what, change)
+                log.warning("out of memory in %s (%s); retrying after %s", what, str(error).split("\n")[0], change)
             finally:
                 self._attempts.pop()
             self.release()
