@@ -76,12 +76,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_counts: 
 
 
 def _sdpa(q, k, v, key_counts):
-    mask = None
+    dtype, mask = q.dtype, None
     if key_counts is not None:
         # softmax over n equal keys = one key whose logit is raised by log n; log 0 = -inf masks a key out
-        mask = key_counts.to(device=q.device, dtype=torch.float32).log().to(q.dtype)[:, None, None, :]
+        mask = key_counts.to(device=q.device, dtype=torch.float32).log()[:, None, None, :]
+        if dtype != torch.float32 and bool((key_counts > 1).any()):
+            # log n is not exact in 16 bits (bf16 would weigh 409 copies as 403): attend in float32
+            q, k, v = q.float(), k.float(), v.float()
+        mask = mask.to(q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return out.transpose(1, 2)  # [B, Lq, heads, d]
+    return out.transpose(1, 2).to(dtype)  # [B, Lq, heads, d]
 
 
 def _half(x: torch.Tensor) -> torch.Tensor:
