@@ -6,9 +6,9 @@ split between the three axes of the patch grid: frames get d/2 - 2·⌊d/6⌋ pa
 channel count: freq_j = theta^(-2j / d_axis). A token at grid position (f, h, w) rotates its frame pairs by f·freq,
 its row pairs by h·freq and its column pairs by w·freq.
 
-Angles are computed in float64, as the reference does, and only then rounded to float32 cos/sin. Applying the
-rotation as one complex64 multiply per pair gives the same float32 arithmetic as the reference's float64 path
-rounded to float32 (x0·c - x1·s, x0·s + x1·c) at a fraction of its cost.
+Angles are computed in float64, as the reference does, and only then rounded to float32 cos/sin. The rotation is
+one complex64 multiply per pair (x0·c - x1·s, x0·s + x1·c in float32): it agrees with the reference's float64
+rotation to float32 rounding, at a fraction of its cost.
 """
 from __future__ import annotations
 
