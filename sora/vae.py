@@ -151,16 +151,32 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, (kt, kh, kw), stride=stride, padding=(0, ph, pw))
         self.time_pad = 2 * pt
 
+    def input_buffer(self, like: torch.Tensor, cache: CausalCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A time-padded input [B, C, time_pad + T, H, W] for an input shaped like `like` [B, C, T, H, W]: the
+        cached frames (zeros on the first chunk) in front, and the view of the last T frames for the caller to fill.
+        """
+        B, C, T, H, W = like.shape
+        buffer = like.new_empty(B, C, self.time_pad + T, H, W)
+        past = cache.tails.get(self) if cache is not None else None
+        front = buffer[:, :, :self.time_pad]
+        if past is None:
+            front.zero_()
+        else:
+            front.copy_(past)
+        return buffer, buffer[:, :, self.time_pad:]
+
+    def convolve(self, buffer: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
+        """Convolve a filled `input_buffer`, first keeping its last frames for the next chunk."""
+        if cache is not None:  # clone: a view would keep the whole buffer alive
+            cache.tails[self] = buffer[:, :, -self.time_pad:].clone()
+        return conv3d(buffer, self.weight, self.bias, self.stride, self.padding)
+
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
-        if self.time_pad:
-            past = cache.tails.get(self) if cache is not None else None
-            if past is None:
-                x = F.pad(x, (0, 0, 0, 0, self.time_pad, 0))
-            else:
-                x = torch.cat([past, x], dim=2)
-            if cache is not None:  # clone: a view would keep the whole padded chunk alive
-                cache.tails[self] = x[:, :, -self.time_pad:].clone()
-        return conv3d(x, self.weight, self.bias, self.stride, self.padding)
+        if not self.time_pad:
+            return conv3d(x, self.weight, self.bias, self.stride, self.padding)
+        buffer, frames = self.input_buffer(x, cache)
+        frames.copy_(x)
+        return self.convolve(buffer, cache)
 
 
 class RMSNorm(nn.Module):
@@ -170,11 +186,19 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise `x` [B, C, ...] into `out` (a new tensor if None) and return it."""
         # the norm is summed in float32 for half inputs, as the reference does for bf16/fp16
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)
-        gain = self.gamma * math.sqrt(self.gamma.shape[0])
-        return (x * (1.0 / norm).to(x.dtype)).mul_(gain)
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32).clamp_min_(1e-12)
+        out = torch.div(x, norm.to(x.dtype), out=out)
+        return out.mul_(self.gamma * math.sqrt(self.gamma.shape[0]))
+
+
+def norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+    """conv(silu(norm(x))), the activation written straight into the conv's time-padded input (no extra copy)."""
+    buffer, frames = conv.input_buffer(x, cache)
+    F.silu(norm(x, out=frames), inplace=True)
+    return conv.convolve(buffer, cache)
 
 
 class ResidualBlock(nn.Module):
@@ -193,8 +217,8 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
         h = self.shortcut(x)
-        x = conv1(F.silu(norm1(x), inplace=True), cache)
-        x = conv2(F.silu(norm2(x), inplace=True), cache)
+        x = norm_silu_conv(norm1, conv1, x, cache)
+        x = norm_silu_conv(norm2, conv2, x, cache)
         return x.add_(h)
 
 
@@ -335,7 +359,7 @@ def _head(in_dim: int, out_dim: int) -> nn.Sequential:
 
 def _run_head(head: nn.Sequential, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
     norm, _, conv = head
-    return conv(F.silu(norm(x), inplace=True), cache)
+    return norm_silu_conv(norm, conv, x, cache)
 
 
 class Encoder(nn.Module):

@@ -1,0 +1,158 @@
+"""Decode speed and working memory of `sora.vae.WanVAE` against diffusers' `AutoencoderKLWan`, same weights.
+
+    python benchmarks/vae_decode.py [--repeats 3] [--threads N]   (default: torch's thread count)
+
+Model: the Wan 2.1 layout at base width 16 (stage widths 16/32/64/64, z_dim 16; the real VAE has 96), random
+weights from seed 0, decoding 17, 33, 65 and 129 frames of 64 x 64 pixels (a 5 / 9 / 17 / 33 x 8 x 8 latent).
+Both run untiled, float32, with the same number of torch threads.
+
+Time: in this process, after one short warm-up decode each, ours and diffusers alternate on the same latent,
+`--repeats` runs each per length; the table gives the median wall time and the ratio ours / diffusers.
+
+Memory: for each case a fresh subprocess builds the model and the latent, warms up with a 2-latent-frame decode (so
+code pages and thread pools are resident), calls glibc's malloc_trim(0) (freed heap goes back to the OS, so RSS is
+live memory), resets the kernel's peak-RSS counter (writing 5 to /proc/self/clear_refs), reads RSS as the baseline,
+decodes once and reads the kernel's peak (VmHWM): exact, no sampling gaps. Working memory = peak - baseline - the
+bytes of the decoded frames: everything the decode allocates beyond its result (activations, causal caches, im2col
+buffers, and for diffusers the growing concatenation of frames and its clamped copy).
+The subprocesses pin glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_=65536, for both implementations), so that
+every block above 64 KiB is returned to the OS when freed and RSS tracks live memory. With glibc's adaptive default,
+freed blocks can stay in the heap, and RSS also carries fragmentation that depends on the order of frees (+-20% run
+to run here); that figure is printed too ("adaptive"), for ours. `est` is `WanVAE.working_bytes`, the estimate the
+tiling planner uses. Linux with glibc only (reads /proc, calls malloc_trim).
+
+Error: max |ours - diffusers| / max |diffusers| over the decoded frames of the last timed run.
+
+Last line: `vae_decode: memory_growth=G max_ratio=R max_rel_err=E`, G = our working memory at 129 frames / at 17
+(pinned threshold), R = the largest time ratio, E = the largest error.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+FRAMES = (17, 33, 65, 129)
+LATENT_HW = (8, 8)
+BASE_DIM = 16
+Z_DIM = 16
+
+
+def build(seed: int = 0):
+    """(diffusers model, our model) with the same random weights."""
+    from diffusers import AutoencoderKLWan
+
+    from sora.checkpoints import load_into
+    from sora.vae import WanVAE, detect_vae_config, to_original_layout
+
+    torch.manual_seed(seed)
+    ref = AutoencoderKLWan(base_dim=BASE_DIM, z_dim=Z_DIM).eval()
+    with torch.no_grad():  # gains near 1, small biases, unit-variance convs: outputs mostly inside the clamp
+        for name, p in ref.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
+    state_dict = to_original_layout({k: v.clone() for k, v in ref.state_dict().items()})
+    ours = WanVAE(detect_vae_config(state_dict))
+    load_into(ours, state_dict, what="Wan VAE")
+    return ref, ours.eval().requires_grad_(False)
+
+
+def latent(frames: int) -> torch.Tensor:
+    return torch.randn(1, Z_DIM, (frames - 1) // 4 + 1, *LATENT_HW, generator=torch.Generator().manual_seed(frames))
+
+
+def decode(impl: str, model, z: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.decode(z) if impl == "ours" else model.decode(z).sample
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def measure_memory(impl: str, frames: int) -> dict:
+    """Run in a fresh process: peak RSS of one decode above the baseline, minus the output (bytes)."""
+    ref, ours = build()
+    model = ours if impl == "ours" else ref
+    z = latent(frames)
+    decode(impl, model, latent(5)[:, :, :2])
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    baseline = _status_kib("VmRSS") * 1024
+    out = decode(impl, model, z)
+    peak = _status_kib("VmHWM") * 1024
+    return {"working": peak - baseline - out.numel() * out.element_size(), "output": out.numel() * out.element_size()}
+
+
+def memory_in_subprocess(impl: str, frames: int, threads: int, pinned: bool = True) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if pinned else {
+        k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    result = subprocess.run([sys.executable, __file__, "--memory", impl, str(frames), "--threads", str(threads)],
+                            capture_output=True, text=True, check=True, env=env)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--memory", nargs=2, metavar=("IMPL", "FRAMES"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory:
+        print(json.dumps(measure_memory(args.memory[0], int(args.memory[1]))))
+        return
+
+    models = dict(zip(("diffusers", "ours"), build(), strict=True))
+    for impl, model in models.items():
+        decode(impl, model, latent(5)[:, :, :2])
+    mib = 2 ** 20
+    print(f"Wan 2.1 layout, base_dim {BASE_DIM}, z_dim {Z_DIM}, {LATENT_HW[0] * 8}x{LATENT_HW[1] * 8} px, "
+          f"float32, {args.threads} threads, median of {args.repeats}; memory in MiB")
+    print(f"{'frames':>6} {'ours s':>8} {'diff s':>8} {'ratio':>6} {'rel err':>9} {'output':>7} {'ours':>7} "
+          f"{'adaptive':>8} {'est':>6} {'diffusers':>9}")
+    ratios, errors, working, adaptive = [], [], {}, {}
+    for frames in FRAMES:
+        z = latent(frames)
+        times = {"ours": [], "diffusers": []}
+        outputs = {}
+        for _ in range(args.repeats):
+            for impl in ("ours", "diffusers"):
+                start = time.perf_counter()
+                outputs[impl] = decode(impl, models[impl], z)
+                times[impl].append(time.perf_counter() - start)
+        t_ours, t_ref = statistics.median(times["ours"]), statistics.median(times["diffusers"])
+        error = ((outputs["ours"] - outputs["diffusers"]).abs().max() / outputs["diffusers"].abs().max()).item()
+        ours = memory_in_subprocess("ours", frames, args.threads)
+        working[frames] = ours["working"]
+        adaptive[frames] = memory_in_subprocess("ours", frames, args.threads, pinned=False)["working"]
+        reference = memory_in_subprocess("diffusers", frames, args.threads)["working"]
+        ratios.append(t_ours / t_ref)
+        errors.append(error)
+        print(f"{frames:>6} {t_ours:>8.2f} {t_ref:>8.2f} {t_ours / t_ref:>6.3f} {error:>9.2e} "
+              f"{ours['output'] / mib:>7.1f} {working[frames] / mib:>7.1f} {adaptive[frames] / mib:>8.1f} "
+              f"{models['ours'].working_bytes(*LATENT_HW) / mib:>6.1f} {reference / mib:>9.1f}", flush=True)
+    first, last = FRAMES[0], FRAMES[-1]
+    print(f"adaptive malloc: memory_growth={adaptive[last] / adaptive[first]:.3f}")
+    print(f"vae_decode: memory_growth={working[last] / working[first]:.3f} max_ratio={max(ratios):.3f} "
+          f"max_rel_err={max(errors):.2e}")
+
+
+if __name__ == "__main__":
+    main()
