@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 
+from sora import ops
 from sora.checkpoints import load_into
 from sora.dit import PRESETS, DiTConfig, WanDiT, convert_diffusers, detect_config
 from sora.errors import InputError
@@ -230,6 +231,8 @@ def test_wan21_1_3b_state_dict_matches_reference_table():
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert len(got) == 825 and got == expected
     assert sum(p.numel() for p in model.parameters()) == 1_418_996_800  # ARCH_FACTS §1.1
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 6 + 30 * 10 and all(isinstance(m, ops.Linear) for m in linears)  # fp8-capable layers
 
 
 @pytest.mark.parametrize("name", ["wan21_t2v_1_3b", "wan21_t2v_14b", "wan22_ti2v_5b", "wan22_i2v_a14b"])
