@@ -1,0 +1,34 @@
+"""The install metadata says what the README and ComfyUI's tools expect."""
+import re
+import tomllib
+
+from conftest import REPO
+
+
+def _pyproject():
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def test_requirements_txt_lists_the_runtime_dependencies_but_torch():
+    deps = _pyproject()["project"]["dependencies"]
+    listed = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    listed = [line for line in listed if line]
+    assert sorted(listed) == sorted(d for d in deps if not d.startswith("torch"))
+
+
+def test_no_top_level_nodes_module_and_registry_name():
+    project = _pyproject()
+    packages = project["tool"]["setuptools"]["packages"]
+    assert "nodes" not in packages and "sora.nodes" in packages
+    assert project["tool"]["setuptools"]["package-dir"]["sora.nodes"] == "nodes"
+    name = project["project"]["name"]
+    assert "comfyui" not in name.lower() and re.fullmatch(r"[a-z][a-z0-9_.-]*", name)
+    assert {"PublisherId", "DisplayName", "Icon"} <= set(project["tool"]["comfy"])
+    assert project["project"]["scripts"]["sora"] == "sora.cli:main"
+
+
+def test_readme_commands_name_real_files():
+    readme = (REPO / "README.md").read_text()
+    for path in re.findall(r"workflows/(?:api/)?[\w.]+\.json", readme):
+        assert (REPO / path).exists(), path
+    assert "python -m pytest" in readme
