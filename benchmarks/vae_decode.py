@@ -1,13 +1,15 @@
 """Decode speed and working memory of `sora.vae.WanVAE` against diffusers' `AutoencoderKLWan`, same weights.
 
-    python benchmarks/vae_decode.py [--repeats 3] [--threads N]   (default: torch's thread count)
+    python benchmarks/vae_decode.py [--repeats 5] [--threads N]   (default: torch's thread count)
+    python benchmarks/vae_decode.py --check-estimate   (the tiling planner's memory estimate against measurements)
 
 Model: the Wan 2.1 layout at base width 16 (stage widths 16/32/64/64, z_dim 16; the real VAE has 96), random
 weights from seed 0, decoding 17, 33, 65 and 129 frames of 64 x 64 pixels (a 5 / 9 / 17 / 33 x 8 x 8 latent).
 Both run untiled, float32, with the same number of torch threads.
 
-Time: in this process, after one short warm-up decode each, ours and diffusers alternate on the same latent,
-`--repeats` runs each per length; the table gives the median wall time and the ratio ours / diffusers.
+Time: in this process, after one short warm-up decode each, ours and diffusers run back to back on the same latent,
+`--repeats` pairs per length, alternating which goes first; the table gives each one's median wall time, and as
+`ratio` the median over the pairs of (ours / diffusers), which cancels slow changes in the load of a shared machine.
 
 Memory: for each case a fresh subprocess builds the model and the latent, warms up with a 2-latent-frame decode (so
 code pages and thread pools are resident), calls glibc's malloc_trim(0) (freed heap goes back to the OS, so RSS is
@@ -85,38 +87,99 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def measure_memory(impl: str, frames: int) -> dict:
-    """Run in a fresh process: peak RSS of one decode above the baseline, minus the output (bytes)."""
-    ref, ours = build()
-    model = ours if impl == "ours" else ref
-    z = latent(frames)
-    decode(impl, model, latent(5)[:, :, :2])
+def peak_working_memory(run, warm_up) -> dict:
+    """Peak RSS of `run()` above the baseline, minus the bytes of its result (see the module docstring)."""
+    warm_up()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     baseline = _status_kib("VmRSS") * 1024
-    out = decode(impl, model, z)
+    out = run()
     peak = _status_kib("VmHWM") * 1024
-    return {"working": peak - baseline - out.numel() * out.element_size(), "output": out.numel() * out.element_size()}
+    output = out.numel() * out.element_size()
+    return {"working": peak - baseline - output, "output": output}
 
 
-def memory_in_subprocess(impl: str, frames: int, threads: int, pinned: bool = True) -> dict:
+def measure_memory(impl: str, frames: int) -> dict:
+    """Run in a fresh process: working memory of one decode of `frames` frames."""
+    ref, ours = build()
+    model = ours if impl == "ours" else ref
+    z = latent(frames)
+    return peak_working_memory(lambda: decode(impl, model, z), lambda: decode(impl, model, latent(5)[:, :, :2]))
+
+
+# (name, VAEConfig fields or None for the real 2.1 VAE, latent height = width, encode)
+ESTIMATE_CASES = [
+    ("2.1 width 16, 8x8, decode", dict(base_dim=16, decoder_base_dim=16, z_dim=16), 8, False),
+    ("2.1 width 16, 16x16, decode", dict(base_dim=16, decoder_base_dim=16, z_dim=16), 16, False),
+    ("2.1 width 32, 8x8, decode", dict(base_dim=32, decoder_base_dim=32, z_dim=16), 8, False),
+    ("2.1 real VAE, 8x8, decode", None, 8, False),
+    ("2.2 width 16/24, 8x8, decode", dict(base_dim=16, decoder_base_dim=24, z_dim=16, patch_size=2,
+                                          residual_shortcuts=True), 8, False),
+    ("2.1 width 16, 8x8, encode", dict(base_dim=16, decoder_base_dim=16, z_dim=16), 8, True),
+    ("2.1 width 16, 16x16, encode", dict(base_dim=16, decoder_base_dim=16, z_dim=16), 16, True),
+    ("2.2 width 16/24, 8x8, encode", dict(base_dim=16, decoder_base_dim=24, z_dim=16, patch_size=2,
+                                          residual_shortcuts=True), 8, True),
+]
+
+
+def measure_estimate_case(index: int) -> dict:
+    """Run in a fresh process: measured and estimated working memory of one `ESTIMATE_CASES` entry (3 chunks)."""
+    from sora.vae import VAEConfig, WanVAE
+
+    _, fields, size, encode = ESTIMATE_CASES[index]
+    torch.manual_seed(0)
+    model = WanVAE(VAEConfig(**fields) if fields else VAEConfig.wan21()).eval().requires_grad_(False)
+    s = model.config.spatial_factor
+    if encode:
+        x = torch.rand(1, 3, 9, size * s, size * s) * 2 - 1
+        result = peak_working_memory(lambda: model.encode(x), lambda: model.encode(x[:, :, :5]))
+    else:
+        z = torch.randn(1, model.config.z_dim, 3, size, size)
+        result = peak_working_memory(lambda: model.decode(z), lambda: model.decode(z[:, :, :2]))
+    return dict(result, estimate=model.working_bytes(size, size, encode=encode))
+
+
+def in_subprocess(args: list[str], threads: int, pinned: bool = True) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if pinned else {
         k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    result = subprocess.run([sys.executable, __file__, "--memory", impl, str(frames), "--threads", str(threads)],
+    result = subprocess.run([sys.executable, __file__, *args, "--threads", str(threads)],
                             capture_output=True, text=True, check=True, env=env)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def memory_in_subprocess(impl: str, frames: int, threads: int, pinned: bool = True) -> dict:
+    return in_subprocess(["--memory", impl, str(frames)], threads, pinned)
+
+
+def check_estimate(threads: int) -> None:
+    """Print measured working memory against `WanVAE.working_bytes` for `ESTIMATE_CASES` (random weights)."""
+    print(f"{'case':>30} {'measured':>9} {'estimate':>9} {'ratio':>6}   MiB, pinned malloc threshold, "
+          f"{threads} threads")
+    for index, (name, *_) in enumerate(ESTIMATE_CASES):
+        r = in_subprocess(["--estimate-case", str(index)], threads)
+        print(f"{name:>30} {r['working'] / 2 ** 20:>9.1f} {r['estimate'] / 2 ** 20:>9.1f} "
+              f"{r['working'] / r['estimate']:>6.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--check-estimate", action="store_true",
+                        help="instead: measured working memory against the tiling planner's estimate")
     parser.add_argument("--memory", nargs=2, metavar=("IMPL", "FRAMES"), help=argparse.SUPPRESS)
+    parser.add_argument("--estimate-case", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory:
         print(json.dumps(measure_memory(args.memory[0], int(args.memory[1]))))
+        return
+    if args.estimate_case is not None:
+        print(json.dumps(measure_estimate_case(args.estimate_case)))
+        return
+    if args.check_estimate:
+        check_estimate(args.threads)
         return
 
     models = dict(zip(("diffusers", "ours"), build(), strict=True))
@@ -132,20 +195,21 @@ def main() -> None:
         z = latent(frames)
         times = {"ours": [], "diffusers": []}
         outputs = {}
-        for _ in range(args.repeats):
-            for impl in ("ours", "diffusers"):
+        for repeat in range(args.repeats):
+            for impl in ("ours", "diffusers")[:: 1 if repeat % 2 == 0 else -1]:
                 start = time.perf_counter()
                 outputs[impl] = decode(impl, models[impl], z)
                 times[impl].append(time.perf_counter() - start)
         t_ours, t_ref = statistics.median(times["ours"]), statistics.median(times["diffusers"])
+        ratio = statistics.median(a / b for a, b in zip(times["ours"], times["diffusers"], strict=True))
         error = ((outputs["ours"] - outputs["diffusers"]).abs().max() / outputs["diffusers"].abs().max()).item()
         ours = memory_in_subprocess("ours", frames, args.threads)
         working[frames] = ours["working"]
         adaptive[frames] = memory_in_subprocess("ours", frames, args.threads, pinned=False)["working"]
         reference = memory_in_subprocess("diffusers", frames, args.threads)["working"]
-        ratios.append(t_ours / t_ref)
+        ratios.append(ratio)
         errors.append(error)
-        print(f"{frames:>6} {t_ours:>8.2f} {t_ref:>8.2f} {t_ours / t_ref:>6.3f} {error:>9.2e} "
+        print(f"{frames:>6} {t_ours:>8.2f} {t_ref:>8.2f} {ratio:>6.3f} {error:>9.2e} "
               f"{ours['output'] / mib:>7.1f} {working[frames] / mib:>7.1f} {adaptive[frames] / mib:>8.1f} "
               f"{models['ours'].working_bytes(*LATENT_HW) / mib:>6.1f} {reference / mib:>9.1f}", flush=True)
     first, last = FRAMES[0], FRAMES[-1]
