@@ -162,8 +162,8 @@ def test_working_memory_estimate_scales_with_tile_area_and_batch():
     model = WanVAE(VAEConfig.tiny())
     for encode in (False, True):
         one = model.working_bytes(4, 4, encode=encode)
-        assert model.working_bytes(8, 8, encode=encode) == 4 * one
-        assert model.working_bytes(4, 4, batch=3, encode=encode) == 3 * one
+        assert abs(model.working_bytes(8, 8, encode=encode) - 4 * one) <= 4  # bytes are rounded down once
+        assert abs(model.working_bytes(4, 4, batch=3, encode=encode) - 3 * one) <= 3
 
 
 def test_tiling_and_budget_together_are_refused():
