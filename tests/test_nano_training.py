@@ -47,10 +47,10 @@ def test_a_few_vae_steps_lower_the_loss_on_a_batch():
     torch.manual_seed(0)
     vae = WanVAE(VAE_CFG.vae_config())
     optimizer = torch.optim.Adam(vae.parameters(), lr=5e-3)
-    video, weight = tv.training_batch(dataclasses.replace(VAE_CFG, frames=5, batch=1), step=0)
+    video, weight = tv.training_batch(dataclasses.replace(VAE_CFG, short_frames=5, batch=1), step=0)
     losses = []
     for _ in range(8):
-        loss, _ = tv.loss_terms(vae, video, weight, VAE_CFG.kl_weight, torch.Generator().manual_seed(0))
+        loss, _ = tv.loss_terms(vae, video, weight, VAE_CFG, torch.Generator().manual_seed(0))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -103,21 +103,22 @@ def toy_dataset(clips=6, channels=4):
             "empty": torch.randn(1, 8, 384, generator=generator)}
 
 
-def test_batches_cover_text_to_video_and_known_leading_frames():
+def test_batches_cover_text_to_video_known_leading_frames_and_framewise_noise():
     dataset = toy_dataset()
     generator = torch.Generator().manual_seed(1)
-    t2v = dataclasses.replace(DIT_CFG, extend_share=0.0, short_share=0.0, text_dropout=0.0)
-    x0, known, context = td.training_batch(dataset, t2v, generator)
-    assert x0.shape == (4, 4, 9, 2, 2) and not known.any()
+    t2v = dataclasses.replace(DIT_CFG, extend_share=0.0, short_share=0.0, framewise_share=0.0, text_dropout=0.0)
+    x0, sigma, context = td.training_batch(dataset, t2v, generator)
+    assert x0.shape == (4, 4, 9, 2, 2) and sigma.shape == (4, 9)
+    assert (sigma > 0).all() and (sigma == sigma[:, :1]).all()  # one noise level per clip
     assert any(torch.equal(context[0], c.float()) for c in dataset["context"])
     assert any(torch.equal(x0[0], c.float()) for c in dataset["latents"])
 
     extend = dataclasses.replace(DIT_CFG, extend_share=1.0, text_dropout=1.0)
     for _ in range(20):
-        x0, known, context = td.training_batch(dataset, extend, generator)
-        k, length = int(known[0].sum()), x0.shape[2]
+        x0, sigma, context = td.training_batch(dataset, extend, generator)
+        k, length = int((sigma[0] == 0).sum()), x0.shape[2]
         assert 5 <= length <= 9 and 1 <= k <= min(3, length - 2)
-        assert known[:, :k].all() and not known[:, k:].any()
+        assert (sigma[:, :k] == 0).all() and (sigma[:, k:] > 0).all()
         # windows run to the clip's end, so a window's known frames are the frames before its new ones
         start = 9 - length
         assert any(torch.equal(x0[0], c[:, start:].float()) for c in dataset["latents"])
@@ -127,25 +128,26 @@ def test_batches_cover_text_to_video_and_known_leading_frames():
     lengths = {td.training_batch(dataset, short, generator)[0].shape[2] for _ in range(30)}
     assert lengths == {5, 6, 7, 8}
 
+    framewise = dataclasses.replace(DIT_CFG, extend_share=0.0, short_share=0.0, framewise_share=1.0)
+    x0, sigma, _ = td.training_batch(dataset, framewise, generator)
+    assert x0.shape[2] == 9 and len(sigma[0].unique()) == 9 and (sigma > 0).all()
+
 
 def test_flow_loss_counts_only_generated_frames_and_keeps_known_ones_clean():
     x0 = torch.randn(2, 4, 5, 2, 2)
-    known = torch.tensor([[True, True, False, False, False]] * 2)
+    sigma = torch.tensor([[0.0, 0.0, 0.3, 0.5, 0.9], [0.0, 0.0, 0.7, 0.7, 0.7]])
     seen = {}
 
     def model(x, t, context):  # records what the DiT is given and predicts v = 0
         seen.update(x=x, t=t)
         return torch.zeros_like(x)
 
-    loss = td.flow_loss(model, x0, known, torch.zeros(2, 8, 384), shift=3.0, generator=torch.Generator().manual_seed(4))
-    generator = torch.Generator().manual_seed(4)
-    u = torch.rand(2, generator=generator)
-    sigma = 3 * u / (1 + 2 * u)
-    noise = torch.randn(x0.shape, generator=generator)
-    assert torch.allclose(seen["t"][:, 2:], (sigma * 1000)[:, None].expand(2, 3)) and (seen["t"][:, :2] == 0).all()
+    loss = td.flow_loss(model, x0, sigma, torch.zeros(2, 8, 384), generator=torch.Generator().manual_seed(4))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(seen["t"], sigma * 1000)
     assert torch.equal(seen["x"][:, :, :2], x0[:, :, :2])
-    expected = (1 - sigma.view(2, 1, 1, 1)) * x0[:, :, 2] + sigma.view(2, 1, 1, 1) * noise[:, :, 2]
-    assert torch.allclose(seen["x"][:, :, 2], expected)
+    expected = (1 - sigma[1, 3]) * x0[1, :, 3] + sigma[1, 3] * noise[1, :, 3]
+    assert torch.allclose(seen["x"][1, :, 3], expected)
     assert torch.allclose(loss, (noise - x0)[:, :, 2:].square().mean())
 
 
@@ -153,10 +155,10 @@ def test_a_few_dit_steps_lower_the_loss_on_a_batch():
     torch.manual_seed(0)
     model = WanDiT(DIT_CFG.dit_config(4))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    x0, known, context = td.training_batch(toy_dataset(), DIT_CFG, torch.Generator().manual_seed(0))
+    x0, sigma, context = td.training_batch(toy_dataset(), DIT_CFG, torch.Generator().manual_seed(0))
     losses = []
     for _ in range(15):
-        loss = td.flow_loss(model, x0, known, context, 3.0, torch.Generator().manual_seed(0))
+        loss = td.flow_loss(model, x0, sigma, context, torch.Generator().manual_seed(0))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

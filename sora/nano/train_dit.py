@@ -10,7 +10,9 @@ conditioned on MiniLM token states.
    of motion are decided at high noise, which is where the small model needs the most practice. A share of the
    batches continue known frames, as extension and image-to-video ask of the model: a window of the clip whose
    first k latent frames are clean and get timestep 0 (the DiT takes a timestep per latent frame), the loss
-   counting only the frames to generate. Captions are dropped for `text_dropout` of the samples (replaced by
+   counting only the frames to generate; another share gives every frame its own noise level. Both make the
+   direction of motion a thing the model can read off the frames it sees plus the caption, which a small model
+   learns far sooner than producing a direction from the caption alone. Captions are dropped for `text_dropout` of the samples (replaced by
    the empty prompt's encoding) so that classifier-free guidance has an unconditional model to push against.
    An exponential moving average of the weights is what gets evaluated and shipped.
 3. Every `eval_every` steps the EMA model generates clips for fixed prompts with the real sampler
@@ -36,12 +38,12 @@ from safetensors.torch import save_file
 from ..checkpoints import read_metadata
 from ..dit import DiTConfig, WanDiT
 from ..latent_formats import LatentFormat, register
-from ..samplers import sample
-from ..schedules import flow_sigmas, shift_sigmas
+from ..schedules import shift_sigmas
 from ..text import TextEncoder, load_minilm
 from ..vae import WanVAE, load_vae
-from . import DEFAULTS, data, judge, latent_format_from_metadata, latent_format_metadata
+from . import data, judge, latent_format_from_metadata, latent_format_metadata
 from . import vocabulary as vocab
+from .pipeline import NanoPipeline
 
 SEED_BASE = 20_000_000  # training clip seeds; the VAE's lie at 10M, tests and benchmarks use small seeds
 EVAL_SEED_BASE = 30_000_000
@@ -66,7 +68,8 @@ class DiTTrainConfig:
     shift: float = 3.0
     text_dropout: float = 0.15
     extend_share: float = 0.3  # batches with known leading frames (extension, image-to-video)
-    short_share: float = 0.15  # text-to-video batches on a clip's first 5-8 latent frames (shorter videos)
+    short_share: float = 0.1  # text-to-video batches on a clip's first 5-8 latent frames (shorter videos)
+    framewise_share: float = 0.2  # batches with a noise level per frame
     eval_every: int = 500
     eval_prompts: int = 16
     log_every: int = 25
@@ -125,49 +128,54 @@ def build_dataset(cfg: DiTTrainConfig, vae: WanVAE, fmt: LatentFormat, encoder: 
 
 
 def training_batch(dataset: dict, cfg: DiTTrainConfig, generator: torch.Generator):
-    """One batch: (x0 [B, C, T, H, W], known [B, T] bool, context [B, text_len, 384]).
+    """One batch: (x0 [B, C, T, H, W], sigma [B, T] noise level per latent frame, 0 = known, context [B, L, 384]).
 
-    Every sample of a batch shares one window of latent frames: the whole clip (text-to-video), its first 5-8
-    frames (shorter text-to-video), or a window starting at frame 0-4 and running to the end whose first 1-3
-    frames are known (extension; image-to-video when the window starts at 0).
+    Every sample of a batch shares one window of latent frames and one kind of noise:
+    - text-to-video: the whole clip, or its first 5-8 frames (shorter videos), one σ per sample;
+    - known frames: a window from frame 0-4 to the end whose first 1-3 frames are clean (extension, and
+      image-to-video when the window starts at 0);
+    - frame-wise noise: the whole clip with a σ per frame, so that frames are predicted from less noisy ones.
+    The last two teach the model where the object goes next given where it is, in the caption's direction.
     """
     latents, contexts = dataset["latents"], dataset["context"]
     clips, _, frames = latents.shape[:3]
+    B = cfg.batch
     pick = lambda low, high: int(torch.randint(low, high + 1, (), generator=generator))  # noqa: E731
+    noise_level = lambda *shape: shift_sigmas(torch.rand(shape, generator=generator), cfg.shift)  # noqa: E731
     mode = float(torch.rand((), generator=generator))
-    start, length, known = 0, frames, 0
+    start, length, known, framewise = 0, frames, 0, False
     if mode < cfg.extend_share:
         start = pick(0, frames - 5)
         length = frames - start
         known = pick(1, min(3, length - 2))
     elif mode < cfg.extend_share + cfg.short_share:
         length = pick(5, frames - 1)
-    index = torch.randint(0, clips, (cfg.batch,), generator=generator)
-    caption = index * cfg.captions_per_clip + torch.randint(0, cfg.captions_per_clip, (cfg.batch,),
-                                                            generator=generator)
+    elif mode < cfg.extend_share + cfg.short_share + cfg.framewise_share:
+        framewise = True
+    if framewise:
+        sigma = noise_level(B, length)
+    else:
+        sigma = noise_level(B, 1).expand(B, length).clone()
+        sigma[:, :known] = 0.0
+    index = torch.randint(0, clips, (B,), generator=generator)
+    caption = index * cfg.captions_per_clip + torch.randint(0, cfg.captions_per_clip, (B,), generator=generator)
     x0 = latents[index, :, start:start + length].float()
     context = contexts[caption].float()
-    drop = torch.rand(cfg.batch, generator=generator) < cfg.text_dropout
+    drop = torch.rand(B, generator=generator) < cfg.text_dropout
     context[drop] = dataset["empty"][0]
-    known_frames = torch.zeros(cfg.batch, length, dtype=torch.bool)
-    known_frames[:, :known] = True
-    return x0, known_frames, context
+    return x0, sigma, context
 
 
-def flow_loss(model: WanDiT, x0: torch.Tensor, known: torch.Tensor, context: torch.Tensor, shift: float,
+def flow_loss(model: WanDiT, x0: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
               generator: torch.Generator) -> torch.Tensor:
-    """Rectified-flow loss: x_σ = (1-σ)·x0 + σ·ε, target v = ε - x0, on the frames that are not known.
+    """Rectified-flow loss: x_σ = (1-σ)·x0 + σ·ε per latent frame, target v = ε - x0, on the frames with σ > 0.
 
-    Known frames enter clean with timestep 0, as the sampler gives them (sora.conditioning.KnownFrames).
+    Known frames (σ = 0) enter clean with timestep 0, as the sampler gives them (sora.conditioning.KnownFrames).
     """
-    B = x0.shape[0]
-    sigma = shift_sigmas(torch.rand(B, generator=generator), shift)  # [B]
-    sigma_frames = torch.where(known, 0.0, sigma[:, None])  # [B, T]
-    s = sigma_frames[:, None, :, None, None]
+    s = sigma[:, None, :, None, None]
     noise = torch.randn(x0.shape, generator=generator)
-    x_t = (1 - s) * x0 + s * noise
-    v = model(x_t, sigma_frames * 1000.0, context)
-    weight = (~known).float()[:, None, :, None, None].expand_as(v)
+    v = model((1 - s) * x0 + s * noise, sigma * 1000.0, context)
+    weight = (sigma > 0).float()[:, None, :, None, None].expand_as(v)
     return ((v - (noise - x0)).square() * weight).sum() / weight.sum()
 
 
@@ -186,23 +194,13 @@ def eval_prompts(count: int) -> list[tuple[str, str, str]]:
     return out
 
 
-@torch.inference_mode()
-def generate(model: WanDiT, vae: WanVAE, context: torch.Tensor, empty: torch.Tensor, seed: int,
-             frames: int = 33, size: int = 64) -> torch.Tensor:
-    """Text-to-video with the real sampler at the nano defaults: contexts [B, L, 384] -> videos [B, 3, F, H, W]."""
-    fmt_spatial, fmt_temporal = vae.config.spatial_factor, vae.config.temporal_factor
-    latent = torch.zeros(len(context), vae.config.z_dim, (frames - 1) // fmt_temporal + 1, size // fmt_spatial,
-                         size // fmt_spatial)
-    sigmas = flow_sigmas(DEFAULTS.steps, DEFAULTS.shift)
-    raw = sample(model, latent, sigmas, context, empty, guidance=DEFAULTS.guidance, seed=seed)
-    return vae.decode(raw)
-
-
 def evaluate(model: WanDiT, vae: WanVAE, encoder: TextEncoder, cfg: DiTTrainConfig) -> dict[str, float]:
+    """Colour and direction accuracy of the judge on text-to-video clips of the fixed evaluation prompts, made
+    with the real sampler at the nano defaults."""
+    pipeline = NanoPipeline(dit=model, vae=vae, encoder=encoder)
     prompts = eval_prompts(cfg.eval_prompts)
-    context = encode_captions(encoder, [p[2] for p in prompts], cfg.text_len)
-    empty = encode_captions(encoder, [""], cfg.text_len)
-    videos = torch.cat([generate(model, vae, context[i:i + 8], empty, seed=i) for i in range(0, len(prompts), 8)])
+    videos = torch.cat([pipeline.decode(pipeline.text_to_latent([p[2] for p in prompts[i:i + 8]], seed=i))
+                        for i in range(0, len(prompts), 8)])
     verdicts = [judge.judge_video(v) for v in videos]
     color = sum(v.color == p[0] for v, p in zip(verdicts, prompts)) / len(prompts)
     motion = sum(v.direction == p[1] for v, p in zip(verdicts, prompts)) / len(prompts)
@@ -264,8 +262,8 @@ def train(cfg: DiTTrainConfig, vae_file: Path, run: Path) -> Path:
     while step < cfg.steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        x0, known, context = training_batch(dataset, cfg, generator)
-        loss = flow_loss(model, x0, known, context, cfg.shift, generator)
+        x0, sigma, context = training_batch(dataset, cfg, generator)
+        loss = flow_loss(model, x0, sigma, context, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -25,13 +25,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import nn
 
 from ..latent_formats import LatentFormat
-from ..vae import CausalCache, VAEConfig, WanVAE
+from ..vae import AttentionBlock, CausalConv3d, Resample, ResidualBlock, VAEConfig, WanVAE
 from . import data, judge, latent_format_metadata
 from . import vocabulary as vocab
 
 SEED_BASE = 10_000_000  # training clip seeds start here, far from the small seeds of tests and evaluations
+LOGVAR_INIT = -8.0  # initial log-variance of the posterior (standard deviation 0.02)
 
 
 @dataclass(frozen=True)
@@ -40,14 +42,22 @@ class VAETrainConfig:
     decoder_base_dim: int = 16
     z_dim: int = 8
     num_res_blocks: int = 1
-    frames: int = 9
+    # Clip length: short clips while the model learns colours and shapes, then clips of five latent frames, the
+    # first length at which every causal cache holds two real frames (the steady state of long videos).
+    short_frames: int = 9
+    short_steps: int = 1000
+    frames: int = 17
     size: int = 64  # clips are rendered at this size ...
     crop: int = 32  # ... and cut to crops of this size around the object
     batch: int = 4
-    steps: int = 800
+    steps: int = 2000
     lr: float = 1e-3
     warmup: int = 50
     kl_weight: float = 1e-4
+    # Pulls latent channels 0-2 toward the mean colour of their cell. Without it the small encoder's output starts
+    # out dominated by its biases and takes hundreds of steps to begin carrying the input; it also makes the
+    # latent partly readable as a small image.
+    rgb_weight: float = 1.0
     object_weight: float = 4.0  # extra loss weight on object pixels
     stats_clips: int = 64  # 33-frame clips encoded to measure the latent statistics
     eval_clips: int = 16
@@ -65,12 +75,13 @@ class VAETrainConfig:
 
 def training_batch(cfg: VAETrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Crops [B, 3, F, crop, crop] of the clips of `step`, and per-pixel loss weights [B, 1, F, crop, crop]."""
+    frames = cfg.short_frames if step < cfg.short_steps else cfg.frames
     videos, weights = [], []
     for i in range(cfg.batch):
         seed = SEED_BASE + step * cfg.batch + i
-        clip = data.make_clip(seed, frames=cfg.frames, height=cfg.size, width=cfg.size)
+        clip = data.make_clip(seed, frames=frames, height=cfg.size, width=cfg.size)
         rng = random.Random(seed)
-        cx, cy = clip.scene.centre((cfg.frames - 1) / 2)
+        cx, cy = clip.scene.centre((frames - 1) / 2)
         jitter = cfg.crop / 4
         x0 = min(max(round(cx - cfg.crop / 2 + rng.uniform(-jitter, jitter)), 0), cfg.size - cfg.crop)
         y0 = min(max(round(cy - cfg.crop / 2 + rng.uniform(-jitter, jitter)), 0), cfg.size - cfg.crop)
@@ -83,35 +94,124 @@ def training_batch(cfg: VAETrainConfig, step: int) -> tuple[torch.Tensor, torch.
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Differentiable passes (WanVAE.encode / decode are inference-only: no_grad, mu only)
+# Differentiable passes. WanVAE.encode / decode are inference-only (no autograd, buffers written in place), so
+# training runs the same Wan 2.1 architecture functionally on the module's own parameters, chunk by chunk as
+# encode and decode do; a test checks that the two agree.
 # ------------------------------------------------------------------------------------------------------------------
+
+class _Chunks:
+    """What a pass carries from one causal chunk to the next: each causal conv's last input frames, the last
+    frame before each temporal downsampling, and which temporal resamplings have seen their first chunk."""
+
+    def __init__(self):
+        self.tails: dict[nn.Module, torch.Tensor] = {}
+        self.seen: set[nn.Module] = set()
+
+    def first_visit(self, module: nn.Module) -> bool:
+        first = module not in self.seen
+        self.seen.add(module)
+        return first
+
+
+def _causal_conv(conv: CausalConv3d, x: torch.Tensor, chunks: _Chunks) -> torch.Tensor:
+    if conv.time_pad:
+        past = chunks.tails.get(conv)
+        if past is None:
+            past = x.new_zeros(*x.shape[:2], conv.time_pad, *x.shape[3:])
+        x = torch.cat([past, x], dim=2)
+        chunks.tails[conv] = x[:, :, -conv.time_pad:]
+    return F.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=1) * (norm.gamma * norm.gamma.shape[0] ** 0.5)
+
+
+def _norm_silu_conv(norm: nn.Module, conv: CausalConv3d, x: torch.Tensor, chunks: _Chunks) -> torch.Tensor:
+    return _causal_conv(conv, F.silu(_rms_norm(norm, x)), chunks)
+
+
+def _residual(block: ResidualBlock, x: torch.Tensor, chunks: _Chunks) -> torch.Tensor:
+    norm1, _, conv1, norm2, _, _, conv2 = block.residual
+    shortcut = x if isinstance(block.shortcut, nn.Identity) else _causal_conv(block.shortcut, x, chunks)
+    return _norm_silu_conv(norm2, conv2, _norm_silu_conv(norm1, conv1, x, chunks), chunks) + shortcut
+
+
+def _attention(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    """Single-head attention over the positions of each frame."""
+    B, C, T, H, W = x.shape
+    frames = x.transpose(1, 2).reshape(B * T, C, H, W)
+    qkv = block.to_qkv(_rms_norm(block.norm, frames)).flatten(2).transpose(1, 2)  # [B*T, H*W, 3C]
+    q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)
+    out = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(B * T, C, H, W)
+    return block.proj(out).view(B, T, C, H, W).transpose(1, 2) + x
+
+
+def _resample(block: Resample, x: torch.Tensor, chunks: _Chunks) -> torch.Tensor:
+    spatial = block.resample[1]
+    if block.mode == "upsample3d" and not chunks.first_visit(block):  # the first chunk stays one frame
+        B, C, T, H, W = x.shape
+        x = _causal_conv(block.time_conv, x, chunks).view(B, 2, C, T, H, W)
+        x = x.permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)  # frame 2t+g from channel half g of frame t
+    if block.mode.startswith("upsample"):
+        x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest-exact")
+        return F.conv3d(x, spatial.weight.unsqueeze(2), spatial.bias, padding=(0, 1, 1))
+    x = F.conv3d(F.pad(x, (0, 1, 0, 1)), spatial.weight.unsqueeze(2), spatial.bias, stride=(1, 2, 2))
+    if block.mode == "downsample3d":
+        last = x[:, :, -1:]
+        if not chunks.first_visit(block):  # later chunks are halved in time with the previous chunk's last frame
+            conv = block.time_conv
+            x = F.conv3d(torch.cat([chunks.tails[block], x], dim=2), conv.weight, conv.bias, conv.stride)
+        chunks.tails[block] = last
+    return x
+
+
+def _layers(layers, x: torch.Tensor, chunks: _Chunks) -> torch.Tensor:
+    for layer in layers:
+        if isinstance(layer, ResidualBlock):
+            x = _residual(layer, x, chunks)
+        elif isinstance(layer, AttentionBlock):
+            x = _attention(layer, x)
+        elif isinstance(layer, Resample):
+            x = _resample(layer, x, chunks)
+        else:
+            raise TypeError(f"the nano VAE trainer does not know the layer {type(layer).__name__}")
+    return x
+
 
 def encode_posterior(vae: WanVAE, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Video [B, 3, F, H, W] -> (mu, logvar), each [B, z, T, H/8, W/8], in the causal chunks encode uses."""
-    frames = video.shape[2]
-    step = vae.config.temporal_factor
-    bounds = [(0, 1)] + [(f, f + step) for f in range(1, frames, step)]
-    cache = CausalCache()
-    moments = torch.cat([vae.conv1(vae.encoder(video[:, :, a:b], cache)) for a, b in bounds], dim=2)
-    return moments.chunk(2, dim=1)
+    enc, frames, step = vae.encoder, video.shape[2], vae.config.temporal_factor
+    chunks, moments = _Chunks(), []
+    for a, b in [(0, 1)] + [(f, f + step) for f in range(1, frames, step)]:
+        x = _layers([*enc.downsamples, *enc.middle], _causal_conv(enc.conv1, video[:, :, a:b], chunks), chunks)
+        x = _norm_silu_conv(enc.head[0], enc.head[2], x, chunks)
+        moments.append(_causal_conv(vae.conv1, x, chunks))
+    return torch.cat(moments, dim=2).chunk(2, dim=1)
 
 
 def decode_frames(vae: WanVAE, z: torch.Tensor) -> torch.Tensor:
     """Latent [B, z, T, h, w] -> video [B, 3, 1 + 4(T-1), 8h, 8w], one latent frame at a time, unclamped."""
-    cache = CausalCache()
-    return torch.cat([vae.decoder(vae.conv2(z[:, :, t:t + 1]), cache) for t in range(z.shape[2])], dim=2)
+    dec, chunks, frames = vae.decoder, _Chunks(), []
+    for t in range(z.shape[2]):
+        x = _causal_conv(dec.conv1, _causal_conv(vae.conv2, z[:, :, t:t + 1], chunks), chunks)
+        x = _layers([*dec.middle, *dec.upsamples], x, chunks)
+        frames.append(_norm_silu_conv(dec.head[0], dec.head[2], x, chunks))
+    return torch.cat(frames, dim=2)
 
 
-def loss_terms(vae: WanVAE, video: torch.Tensor, weight: torch.Tensor, kl_weight: float,
+def loss_terms(vae: WanVAE, video: torch.Tensor, weight: torch.Tensor, cfg: VAETrainConfig,
                generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss of one batch and its parts (rec: weighted L1 + MSE, kl, rgb: latent colour guide)."""
     mu, logvar = encode_posterior(vae, video)
     logvar = logvar.clamp(-30.0, 20.0)
     z = mu + torch.randn(mu.shape, generator=generator) * (0.5 * logvar).exp()
-    recon = decode_frames(vae, z)
-    error = recon - video
+    error = decode_frames(vae, z) - video
     rec = (weight * (error.abs() + error.square())).mean()
     kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).mean()
-    return rec + kl_weight * kl, {"rec": rec.item(), "kl": kl.item()}
+    rgb = (mu[:, :3] - pooled_rgb(video, vae.config.spatial_factor, vae.config.temporal_factor)).square().mean()
+    loss = rec + cfg.kl_weight * kl + cfg.rgb_weight * rgb
+    return loss, {"rec": rec.item(), "kl": kl.item(), "rgb": rgb.item()}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -144,6 +244,14 @@ def measure_latent_format(vae: WanVAE, clips: int, seed_base: int) -> LatentForm
                         temporal=vae.config.temporal_factor, mean=tuple(mean.tolist()), std=tuple(std.tolist()),
                         rgb_factors=tuple(tuple(row) for row in solution[:z].tolist()),
                         rgb_bias=tuple(solution[z].tolist()))
+
+
+@torch.no_grad()
+def held_out_psnr(vae: WanVAE, clips: int = 4) -> float:
+    """Reconstruction PSNR of a few fixed full-size 33-frame clips through the inference encode and decode."""
+    video = torch.stack([data.make_clip(SEED_BASE - 300_000 + i).video for i in range(clips)])
+    error = vae.decode(vae.encode(video)) - video
+    return 10 * math.log10(4.0 / error.square().mean().item())
 
 
 @torch.no_grad()
@@ -193,6 +301,10 @@ def train(cfg: VAETrainConfig, run: Path) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     vae = WanVAE(cfg.vae_config())
+    with torch.no_grad():
+        # Start with a narrow posterior: at the default init the sampled latent would be mostly unit noise, and
+        # the decoder could learn nothing until the KL-weak gradient had shrunk it.
+        vae.conv1.bias[cfg.z_dim:] = LOGVAR_INIT
     optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
     step = 0
     last = run / "last.pt"
@@ -205,12 +317,12 @@ def train(cfg: VAETrainConfig, run: Path) -> Path:
     print(f"nano VAE: {sum(p.numel() for p in vae.parameters()):,} parameters, config {cfg}", flush=True)
 
     generator = torch.Generator().manual_seed(step)
-    started, totals, logged = time.time(), {"rec": 0.0, "kl": 0.0}, {}
+    started, totals, logged = time.time(), dict.fromkeys(("rec", "kl", "rgb"), 0.0), {}
     while step < cfg.steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
         video, weight = training_batch(cfg, step)
-        loss, terms = loss_terms(vae, video, weight, cfg.kl_weight, generator)
+        loss, terms = loss_terms(vae, video, weight, cfg, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -219,11 +331,12 @@ def train(cfg: VAETrainConfig, run: Path) -> Path:
         for k in totals:
             totals[k] += terms[k] / cfg.log_every
         if step % cfg.log_every == 0:
-            print(f"step {step} rec {totals['rec']:.4f} kl {totals['kl']:.3f} lr {learning_rate(cfg, step):.2e} "
-                  f"{time.time() - started:.0f}s", flush=True)
-            logged, totals = totals, {"rec": 0.0, "kl": 0.0}
+            print(f"step {step} rec {totals['rec']:.4f} kl {totals['kl']:.3f} rgb {totals['rgb']:.4f} "
+                  f"lr {learning_rate(cfg, step):.2e} {time.time() - started:.0f}s", flush=True)
+            logged, totals = totals, dict.fromkeys(totals, 0.0)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             _save_checkpoint(last, vae, optimizer, step, cfg)
+            print(f"step {step} held-out psnr {held_out_psnr(vae):.2f} dB", flush=True)
 
     vae.eval()
     fmt = measure_latent_format(vae, cfg.stats_clips, SEED_BASE - 100_000)
