@@ -58,6 +58,23 @@ def test_a_few_vae_steps_lower_the_loss_on_a_batch():
     assert losses[-1] < 0.7 * losses[0]
 
 
+def test_decoder_phase_trains_the_decoder_on_whole_clips_and_keeps_the_encoder():
+    cfg = dataclasses.replace(VAE_CFG, size=16, short_steps=1, steps=2, decoder_frames=9)
+    video, weight = tv.training_batch(cfg, step=2)
+    assert video.shape == (1, 3, 9, 16, 16) and weight.shape == (1, 1, 9, 16, 16)
+    torch.manual_seed(0)
+    vae = WanVAE(cfg.vae_config())
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    optimizer = tv._optimizer(vae, cfg, step=2)
+    loss, _ = tv.loss_terms(vae, video, weight, cfg, torch.Generator().manual_seed(0), train_encoder=False)
+    loss.backward()
+    optimizer.step()
+    after = vae.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "conv2.")) for k in changed)
+    assert any(k.startswith("decoder.head") for k in changed)
+
+
 def test_pooled_rgb_averages_the_pixels_behind_each_latent_cell():
     video = torch.rand(1, 3, 9, 16, 16)
     pooled = tv.pooled_rgb(video, spatial=8, temporal=4)

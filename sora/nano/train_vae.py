@@ -50,8 +50,14 @@ class VAETrainConfig:
     size: int = 64  # clips are rendered at this size ...
     crop: int = 32  # ... and cut to crops of this size around the object
     batch: int = 4
-    steps: int = 2000
+    steps: int = 2000  # encoder and decoder together ...
     lr: float = 1e-3
+    # ... then the decoder alone on full-size 33-frame clips, the encoder frozen: the latent space (and the DiT
+    # trained on it) stays as it is while the decoder learns the long-range steady state of its causal caches.
+    decoder_steps: int = 600
+    decoder_frames: int = 33
+    decoder_batch: int = 1
+    decoder_lr: float = 3e-4
     warmup: int = 50
     kl_weight: float = 1e-4
     # Pulls latent channels 0-2 toward the mean colour of their cell. Without it the small encoder's output starts
@@ -74,18 +80,24 @@ class VAETrainConfig:
 # ------------------------------------------------------------------------------------------------------------------
 
 def training_batch(cfg: VAETrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crops [B, 3, F, crop, crop] of the clips of `step`, and per-pixel loss weights [B, 1, F, crop, crop]."""
-    frames = cfg.short_frames if step < cfg.short_steps else cfg.frames
+    """The clips of `step` (crops around the object while the encoder trains, whole frames after), shaped
+    [B, 3, F, crop, crop], and per-pixel loss weights [B, 1, F, crop, crop]."""
+    if step < cfg.short_steps:
+        frames, crop, batch = cfg.short_frames, cfg.crop, cfg.batch
+    elif step < cfg.steps:
+        frames, crop, batch = cfg.frames, cfg.crop, cfg.batch
+    else:
+        frames, crop, batch = cfg.decoder_frames, cfg.size, cfg.decoder_batch
     videos, weights = [], []
-    for i in range(cfg.batch):
+    for i in range(batch):
         seed = SEED_BASE + step * cfg.batch + i
         clip = data.make_clip(seed, frames=frames, height=cfg.size, width=cfg.size)
         rng = random.Random(seed)
         cx, cy = clip.scene.centre((frames - 1) / 2)
-        jitter = cfg.crop / 4
-        x0 = min(max(round(cx - cfg.crop / 2 + rng.uniform(-jitter, jitter)), 0), cfg.size - cfg.crop)
-        y0 = min(max(round(cy - cfg.crop / 2 + rng.uniform(-jitter, jitter)), 0), cfg.size - cfg.crop)
-        video = clip.video[:, :, y0:y0 + cfg.crop, x0:x0 + cfg.crop]
+        jitter = crop / 4
+        x0 = min(max(round(cx - crop / 2 + rng.uniform(-jitter, jitter)), 0), cfg.size - crop)
+        y0 = min(max(round(cy - crop / 2 + rng.uniform(-jitter, jitter)), 0), cfg.size - crop)
+        video = clip.video[:, :, y0:y0 + crop, x0:x0 + crop]
         background = torch.tensor(vocab.BACKGROUNDS[clip.scene.background]).view(3, 1, 1, 1) * 2 - 1
         on_object = ((video - background).abs().amax(dim=0, keepdim=True) > 1e-3).float()
         videos.append(video)
@@ -201,16 +213,18 @@ def decode_frames(vae: WanVAE, z: torch.Tensor) -> torch.Tensor:
 
 
 def loss_terms(vae: WanVAE, video: torch.Tensor, weight: torch.Tensor, cfg: VAETrainConfig,
-               generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    """The training loss of one batch and its parts (rec: weighted L1 + MSE, kl, rgb: latent colour guide)."""
-    mu, logvar = encode_posterior(vae, video)
+               generator: torch.Generator, train_encoder: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss of one batch and its parts (rec: weighted L1 + MSE, kl, rgb: latent colour guide);
+    with a frozen encoder only the reconstruction counts."""
+    with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
+        mu, logvar = encode_posterior(vae, video)
     logvar = logvar.clamp(-30.0, 20.0)
     z = mu + torch.randn(mu.shape, generator=generator) * (0.5 * logvar).exp()
     error = decode_frames(vae, z) - video
     rec = (weight * (error.abs() + error.square())).mean()
     kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).mean()
     rgb = (mu[:, :3] - pooled_rgb(video, vae.config.spatial_factor, vae.config.temporal_factor)).square().mean()
-    loss = rec + cfg.kl_weight * kl + cfg.rgb_weight * rgb
+    loss = rec + cfg.kl_weight * kl + cfg.rgb_weight * rgb if train_encoder else rec
     return loss, {"rec": rec.item(), "kl": kl.item(), "rgb": rgb.item()}
 
 
@@ -281,11 +295,23 @@ def export(vae: WanVAE, fmt: LatentFormat, path: Path, extra: dict[str, str]) ->
 # ------------------------------------------------------------------------------------------------------------------
 
 def learning_rate(cfg: VAETrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth."""
+    """Linear warm-up, then cosine decay to a tenth; the decoder phase decays again from `decoder_lr`."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
-    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+    if step < cfg.steps:
+        peak, progress = cfg.lr, (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    else:
+        peak, progress = cfg.decoder_lr, (step - cfg.steps) / max(cfg.decoder_steps, 1)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def _optimizer(vae: WanVAE, cfg: VAETrainConfig, step: int) -> torch.optim.Optimizer:
+    """Adam over the whole VAE, or, in the decoder phase, over what runs after the latent (encoder frozen)."""
+    if step < cfg.steps:
+        return torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    vae.encoder.requires_grad_(False)
+    vae.conv1.requires_grad_(False)
+    return torch.optim.Adam([*vae.conv2.parameters(), *vae.decoder.parameters()], lr=cfg.decoder_lr)
 
 
 def _save_checkpoint(path: Path, vae: WanVAE, optimizer: torch.optim.Optimizer, step: int,
@@ -296,8 +322,22 @@ def _save_checkpoint(path: Path, vae: WanVAE, optimizer: torch.optim.Optimizer, 
     tmp.replace(path)  # a crash while saving never leaves a broken checkpoint behind
 
 
+def _export_measured(vae: WanVAE, cfg: VAETrainConfig, path: Path, step: int, logged: dict) -> Path:
+    vae.eval()
+    fmt = measure_latent_format(vae, cfg.stats_clips, SEED_BASE - 100_000)
+    scores = evaluate(vae, cfg.eval_clips, SEED_BASE - 200_000)
+    vae.train()
+    print(f"latent mean {[round(m, 3) for m in fmt.mean]} std {[round(s, 3) for s in fmt.std]}", flush=True)
+    print(f"eval psnr {scores['psnr']:.2f} dB judge_agreement {scores['judge_agreement']:.2f}", flush=True)
+    export(vae, fmt, path, {"sora.train_steps": str(step), "sora.train_config": json.dumps(dataclasses.asdict(cfg)),
+                            "sora.final_loss": json.dumps(logged), "sora.eval": json.dumps(scores)})
+    print(f"wrote {path}", flush=True)
+    return path
+
+
 def train(cfg: VAETrainConfig, run: Path) -> Path:
-    """Train (resuming from <run>/last.pt), then export <run>/nano_vae.safetensors; returns its path."""
+    """Train (resuming from <run>/last.pt); write <run>/nano_vae_joint.safetensors when the encoder is final
+    (its latents can feed the DiT from then on) and <run>/nano_vae.safetensors at the end; returns the latter."""
     run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     vae = WanVAE(cfg.vae_config())
@@ -305,27 +345,33 @@ def train(cfg: VAETrainConfig, run: Path) -> Path:
         # Start with a narrow posterior: at the default init the sampled latent would be mostly unit noise, and
         # the decoder could learn nothing until the KL-weak gradient had shrunk it.
         vae.conv1.bias[cfg.z_dim:] = LOGVAR_INIT
-    optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
-    step = 0
+    step, state = 0, None
     last = run / "last.pt"
     if last.is_file():
         state = torch.load(last, weights_only=True)
         vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"resumed from {last} at step {step}", flush=True)
+    optimizer = _optimizer(vae, cfg, step)
+    if state is not None and step != cfg.steps:  # at the phase change the optimizer starts afresh
+        optimizer.load_state_dict(state["optimizer"])
     print(f"nano VAE: {sum(p.numel() for p in vae.parameters()):,} parameters, config {cfg}", flush=True)
 
     generator = torch.Generator().manual_seed(step)
     started, totals, logged = time.time(), dict.fromkeys(("rec", "kl", "rgb"), 0.0), {}
-    while step < cfg.steps:
+    joint = run / "nano_vae_joint.safetensors"
+    while step < cfg.steps + cfg.decoder_steps:
+        if step == cfg.steps:
+            if not joint.is_file():
+                _export_measured(vae, cfg, joint, step, logged)
+            optimizer = _optimizer(vae, cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
         video, weight = training_batch(cfg, step)
-        loss, terms = loss_terms(vae, video, weight, cfg, generator)
+        loss, terms = loss_terms(vae, video, weight, cfg, generator, train_encoder=step < cfg.steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
         optimizer.step()
         step += 1
         for k in totals:
@@ -334,20 +380,10 @@ def train(cfg: VAETrainConfig, run: Path) -> Path:
             print(f"step {step} rec {totals['rec']:.4f} kl {totals['kl']:.3f} rgb {totals['rgb']:.4f} "
                   f"lr {learning_rate(cfg, step):.2e} {time.time() - started:.0f}s", flush=True)
             logged, totals = totals, dict.fromkeys(totals, 0.0)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps + cfg.decoder_steps:
             _save_checkpoint(last, vae, optimizer, step, cfg)
             print(f"step {step} held-out psnr {held_out_psnr(vae):.2f} dB", flush=True)
-
-    vae.eval()
-    fmt = measure_latent_format(vae, cfg.stats_clips, SEED_BASE - 100_000)
-    scores = evaluate(vae, cfg.eval_clips, SEED_BASE - 200_000)
-    print(f"latent mean {[round(m, 3) for m in fmt.mean]} std {[round(s, 3) for s in fmt.std]}", flush=True)
-    print(f"eval psnr {scores['psnr']:.2f} dB judge_agreement {scores['judge_agreement']:.2f}", flush=True)
-    out = run / "nano_vae.safetensors"
-    export(vae, fmt, out, {"sora.train_steps": str(step), "sora.train_config": json.dumps(dataclasses.asdict(cfg)),
-                           "sora.final_loss": json.dumps(logged), "sora.eval": json.dumps(scores)})
-    print(f"wrote {out}", flush=True)
-    return out
+    return _export_measured(vae, cfg, run / "nano_vae.safetensors", step, logged)
 
 
 def main(argv: list[str] | None = None) -> None:
