@@ -67,9 +67,9 @@ class DiTTrainConfig:
     ema: float = 0.998
     shift: float = 3.0
     text_dropout: float = 0.15
-    extend_share: float = 0.3  # batches with known leading frames (extension, image-to-video)
+    extend_share: float = 0.25  # batches with known leading frames (extension, image-to-video)
     short_share: float = 0.1  # text-to-video batches on a clip's first 5-8 latent frames (shorter videos)
-    framewise_share: float = 0.2  # batches with a noise level per frame
+    framewise_share: float = 0.25  # batches with a noise level per frame
     eval_every: int = 500
     eval_prompts: int = 16
     log_every: int = 25
@@ -225,11 +225,17 @@ def export(model: WanDiT, cfg: DiTTrainConfig, fmt: LatentFormat, path: Path, ex
                 "sora.text_len": str(cfg.text_len), **latent_format_metadata(fmt), **extra}
     tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)  # readers never see a half-written file
 
 
-def train(cfg: DiTTrainConfig, vae_file: Path, run: Path) -> Path:
-    """Build or load the dataset, train (resuming from <run>/last.pt), export <run>/nano_dit.safetensors."""
+def train(cfg: DiTTrainConfig, vae_file: Path, run: Path, eval_vae_file: Path | None = None) -> Path:
+    """Build or load the dataset, train (resuming from <run>/last.pt), export <run>/nano_dit.safetensors.
+
+    vae_file: the VAE whose encoder makes the latents (and whose latent statistics normalise them);
+    eval_vae_file: a VAE with the same encoder whose decoder is still training, reread for every evaluation.
+    """
     run.mkdir(parents=True, exist_ok=True)
     fmt = register(latent_format_from_metadata(read_metadata(vae_file)))
     vae = load_vae(vae_file, dtype=torch.float32)
@@ -279,6 +285,8 @@ def train(cfg: DiTTrainConfig, vae_file: Path, run: Path) -> Path:
                   f"{time.time() - started:.0f}s", flush=True)
             total = 0.0
         if step % cfg.eval_every == 0 or step == cfg.steps:
+            if eval_vae_file is not None and eval_vae_file.is_file():  # a decoder that trains alongside
+                vae = load_vae(eval_vae_file, dtype=torch.float32)
             scores = evaluate(ema, vae, encoder, cfg)
             history.append({"step": step, **scores})
             print(f"eval step {step} color_acc {scores['color_acc']:.2f} motion_acc {scores['motion_acc']:.2f}",
@@ -302,13 +310,15 @@ def train(cfg: DiTTrainConfig, vae_file: Path, run: Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vae", type=Path, default=Path("runs/nano_vae/nano_vae.safetensors"))
+    parser.add_argument("--eval-vae", type=Path, default=None,
+                        help="decode evaluation clips with this VAE (same encoder, decoder still training)")
     parser.add_argument("--run", type=Path, default=Path("runs/nano_dit"), help="checkpoint and output folder")
     parser.add_argument("--steps", type=int, default=DiTTrainConfig.steps)
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (more than the free cores slows it down)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    train(DiTTrainConfig(steps=args.steps), args.vae, args.run)
+    train(DiTTrainConfig(steps=args.steps), args.vae, args.run, args.eval_vae)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from ..checkpoints import read_metadata
 from ..latent_formats import LatentFormat
 from ..vae import AttentionBlock, CausalConv3d, Resample, ResidualBlock, VAEConfig, WanVAE
-from . import data, judge, latent_format_metadata
+from . import data, judge, latent_format_from_metadata, latent_format_metadata
 from . import vocabulary as vocab
 
 SEED_BASE = 10_000_000  # training clip seeds start here, far from the small seeds of tests and evaluations
@@ -287,7 +288,9 @@ def export(vae: WanVAE, fmt: LatentFormat, path: Path, extra: dict[str, str]) ->
     metadata = {"sora.family": "nano", "sora.kind": "vae", **latent_format_metadata(fmt), **extra}
     tensors = {k: v.detach().float().contiguous() for k, v in vae.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)  # readers never see a half-written file
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -337,7 +340,8 @@ def _export_measured(vae: WanVAE, cfg: VAETrainConfig, path: Path, step: int, lo
 
 def train(cfg: VAETrainConfig, run: Path) -> Path:
     """Train (resuming from <run>/last.pt); write <run>/nano_vae_joint.safetensors when the encoder is final
-    (its latents can feed the DiT from then on) and <run>/nano_vae.safetensors at the end; returns the latter."""
+    (its latents can feed the DiT from then on), <run>/nano_vae_latest.safetensors at every checkpoint of the
+    decoder phase, and <run>/nano_vae.safetensors at the end; returns the latter."""
     run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     vae = WanVAE(cfg.vae_config())
@@ -383,6 +387,9 @@ def train(cfg: VAETrainConfig, run: Path) -> Path:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps + cfg.decoder_steps:
             _save_checkpoint(last, vae, optimizer, step, cfg)
             print(f"step {step} held-out psnr {held_out_psnr(vae):.2f} dB", flush=True)
+            if step > cfg.steps:  # the decoder so far, for whoever decodes DiT samples meanwhile
+                fmt = latent_format_from_metadata(read_metadata(joint))
+                export(vae, fmt, run / "nano_vae_latest.safetensors", {"sora.train_steps": str(step)})
     return _export_measured(vae, cfg, run / "nano_vae.safetensors", step, logged)
 
 
