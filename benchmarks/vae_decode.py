@@ -186,6 +186,11 @@ def main() -> None:
         check_estimate(args.threads)
         return
 
+    load = os.getloadavg()[0]
+    if args.threads > 1 and load > 0.5:
+        print(f"note: load average {load:.1f} before starting: other processes use the CPU, and multi-threaded "
+              "timings then measure the scheduler (threads waiting for each other) more than the code; "
+              "rerun on an idle machine or with --threads 1")
     models = dict(zip(("diffusers", "ours"), build(), strict=True))
     for impl, model in models.items():
         decode(impl, model, latent(5)[:, :, :2])

@@ -26,11 +26,11 @@ if TYPE_CHECKING:
 
 MIN_TILE = 8  # latent cells; smaller tiles spend most of their area in the blended borders
 
-# Working memory beyond the causal caches, in tensors the size of the widest activation. Measured (peak RSS,
-# torch 2.13 CPU float32, `python benchmarks/vae_decode.py --check-estimate`): 2.1 decode 3.1-3.3 (widths 16 to 96),
-# 2.2 decode 5.6, 2.1 encode 6.0-6.5, 2.2 encode 8.5; rounded up by about 10%. A layer visibly holds 3-4 such
-# tensors (input, padded input, output, shortcut); oneDNN's reordered copies, the chunk's input and the 2.2 shortcut
-# stages make up the rest.
+# Working memory beyond the causal caches, in tensors the size of the widest activation. Measured as live memory
+# (peak RSS with glibc's mmap threshold pinned, torch 2.13 CPU float32, `python benchmarks/vae_decode.py
+# --check-estimate`): 2.1 decode 3.1-3.3 (widths 16 to 96), 2.2 decode 5.6, 2.1 encode 6.0-6.5, 2.2 encode 8.5;
+# rounded up by about 10%. A layer visibly holds 3-4 such tensors (input, padded input, output, shortcut); oneDNN's
+# reordered copies, the chunk's input and the 2.2 shortcut stages make up the rest.
 ACTIVATION_COPIES = {  # (encode, 2.2 layout) -> copies
     (False, False): 3.6, (False, True): 6.2, (True, False): 7.1, (True, True): 9.3}
 # The above is live memory. Allocators keep freed blocks for reuse (glibc's heap, CUDA's caching allocator), so a
