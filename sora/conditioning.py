@@ -143,19 +143,129 @@ def wan_i2v_channels(video: torch.Tensor, fmt: LatentFormat, known: Sequence[int
     Returns [B, 20, T, H, W].
     """
     _check_latent("video", video)
-    B, _, T, H, W = video.shape
-    frames = fmt.latent_to_frames(T)
-    pixel = torch.zeros(frames, device=video.device)
+    _, _, T, H, W = video.shape
+    return wan_i2v_concat(video, wan_i2v_mask(known, T, H, W, fmt.temporal), fmt)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Wan I2V image condition as ComfyUI carries it
+# ---------------------------------------------------------------------------------------------------------------
+# Core's WanImageToVideo / WanFirstLastFrameToVideo put two tensors into the extras of every CONDITIONING entry:
+# `concat_latent_image`, the raw latent [B, 16, T, H, W] of the conditioning video, and `concat_mask`
+# [1, 1 | 4, T, H, W] with 0 where pixel frames are known and 1 where they are generated (one channel: per latent
+# frame; four: per pixel frame, one channel per slot). Core's model (WAN21.concat_cond) turns them into the same
+# 20 channels as `wan_i2v_channels`; `wan_i2v_concat` does that here, so either side's condition drives the other's
+# sampler.
+
+def wan_i2v_video(frames: int, height: int, width: int, start: torch.Tensor | None = None,
+                  end: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+    """The conditioning video of a Wan I2V model (ARCH_FACTS §4.7) and its known pixel frames.
+
+    start, end: clips [1, 3, N, h, w] in -1..1 (N = 1 for an image), each resized to cover height x width and
+        centre-cropped (`fit_frames`); `start` opens the video, `end` (first-last-frame) closes it.
+    Returns the video [1, 3, frames, height, width] with 0 (mid-gray) on every other frame, and the indices of
+    the known pixel frames (for `wan_i2v_mask`).
+    """
+    given = {name: clip for name, clip in (("start", start), ("end", end)) if clip is not None}
+    if not given:
+        raise InputError("an image-to-video condition needs a start image, an end image or both")
+    for name, clip in given.items():
+        if not isinstance(clip, torch.Tensor) or clip.ndim != 5 or clip.shape[:2] != (1, 3):
+            got = tuple(clip.shape) if isinstance(clip, torch.Tensor) else type(clip).__name__
+            raise InputError(f"the {name} frames must be a clip [1, 3, N, H, W] in -1..1, got {got}")
+    n_start = start.shape[2] if start is not None else 0
+    n_end = end.shape[2] if end is not None else 0
+    if n_start + n_end >= frames:
+        raise InputError(f"{n_start} start and {n_end} end frame(s) leave nothing to generate in {frames} frames; "
+                         f"use more frames or fewer images")
+    video = torch.zeros(1, 3, frames, height, width)
+    if start is not None:
+        video[:, :, :n_start] = fit_frames(start, height, width)
+    if end is not None:
+        video[:, :, frames - n_end:] = fit_frames(end, height, width)
+    return video, [*range(n_start), *range(frames - n_end, frames)]
+
+
+def fit_frames(clip: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`clip` [B, 3, N, h, w] resized to cover height x width and centre-cropped, so the aspect ratio is kept
+    (bilinear, antialiased when shrinking; ComfyUI's "center" crop)."""
+    B, C, N, h, w = clip.shape
+    if w * height > h * width:  # wider than the target: crop the sides
+        keep = round(h * width / height)
+        clip = clip[..., (w - keep) // 2:(w - keep) // 2 + keep]
+    elif w * height < h * width:  # taller: crop top and bottom
+        keep = round(w * height / width)
+        clip = clip[..., (h - keep) // 2:(h - keep) // 2 + keep, :]
+    if clip.shape[-2:] == (height, width):
+        return clip
+    images = clip.permute(0, 2, 1, 3, 4).reshape(B * N, C, *clip.shape[-2:])  # [B·N, 3, h', w']
+    images = torch.nn.functional.interpolate(images.float(), size=(height, width), mode="bilinear",
+                                             align_corners=False, antialias=True)
+    return images.reshape(B, N, C, height, width).permute(0, 2, 1, 3, 4)
+
+
+def wan_i2v_mask(known: Sequence[int], latent_frames: int, height: int, width: int, temporal: int = 4
+                 ) -> torch.Tensor:
+    """ComfyUI's `concat_mask` for known pixel frames: [1, temporal, T, height, width], 0 on the slots of known
+    pixel frames and 1 elsewhere (core's sense, the reverse of the reference's).
+
+    Latent frame 0 holds one pixel frame, repeated to fill its `temporal` slots; then slot k of latent frame j is
+    pixel frame temporal·j + k − (temporal − 1) (ARCH_FACTS §4.7).
+    """
+    frames = 1 + temporal * (latent_frames - 1)
+    pixel = torch.zeros(frames)
     for index in known:
         if not -frames <= index < frames:
             raise InputError(f"known pixel frame {index} is outside the video's {frames} frames")
         pixel[index] = 1.0
-    # Latent frame 0 holds one pixel frame, so it is repeated to fill 4 slots; then slot k of latent frame j is
-    # pixel frame 4j + k − 3.
-    pixel = torch.cat([pixel[:1].repeat(fmt.temporal - 1), pixel])  # [4T]
-    mask = pixel.view(T, fmt.temporal).T  # [4, T]
-    mask = mask[None, :, :, None, None].expand(B, -1, -1, H, W)
-    return torch.cat([mask, fmt.normalize(video)], dim=1)
+    pixel = torch.cat([pixel[:1].repeat(temporal - 1), pixel])  # [temporal·T]
+    slots = pixel.view(latent_frames, temporal).T  # [temporal, T], 1 = known
+    return (1.0 - slots)[None, :, :, None, None].expand(1, -1, -1, height, width).contiguous()
+
+
+def wan_i2v_concat(concat_latent_image: torch.Tensor, concat_mask: torch.Tensor, fmt: LatentFormat
+                   ) -> torch.Tensor:
+    """The extra input channels [B, 4 + C, T, H, W] from ComfyUI's condition: the mask in the reference's sense
+    (1 = known; a one-channel mask fills all four slots), then the normalised `concat_latent_image`.
+
+    concat_latent_image: raw latent [B, C, T, H, W] of the conditioning video (C = the format's channels).
+    concat_mask: [1 | B, 1 | 4, T, H | 1, W | 1], 0 = known, 1 = generated.
+    """
+    _check_latent("concat_latent_image", concat_latent_image)
+    B, C, T, H, W = concat_latent_image.shape
+    if C != fmt.channels:
+        raise InputError(f"concat_latent_image has {C} channels, but a {fmt.name} image-to-video model takes the "
+                         f"{fmt.channels}-channel latent of one conditioning video (from Sora Wan Image To Video or "
+                         "core's WanImageToVideo / WanFirstLastFrameToVideo)")
+    if not isinstance(concat_mask, torch.Tensor) or concat_mask.ndim != 5 or concat_mask.shape[1] not in (1, 4):
+        got = tuple(concat_mask.shape) if isinstance(concat_mask, torch.Tensor) else type(concat_mask).__name__
+        raise InputError(f"concat_mask must be [1, 1 or 4, T, H, W] (0 = known frames), got {got}")
+    fits = [have in (1, want) for have, want in zip(concat_mask.shape, (B, 4, T, H, W))]
+    if not all(fits) or concat_mask.shape[2] != T:
+        raise InputError(f"concat_mask {tuple(concat_mask.shape)} does not fit concat_latent_image "
+                         f"{tuple(concat_latent_image.shape)}; build both with one image-to-video node")
+    known = (1.0 - concat_mask.float()).to(concat_latent_image.device).expand(B, 4, T, H, W)
+    return torch.cat([known, fmt.normalize(concat_latent_image.float())], dim=1)
+
+
+def image_condition(cond: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(`concat_latent_image`, `concat_mask`) from the first CONDITIONING entry that carries an image condition,
+    or None when none does."""
+    for entry in cond if isinstance(cond, (list, tuple)) else ():
+        extras = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+        if isinstance(extras, dict) and "concat_latent_image" in extras:
+            if extras.get("concat_mask_index", 0) != 0 or "concat_mask" not in extras:
+                raise InputError("the CONDITIONING carries a concat_latent_image without a leading concat_mask "
+                                 "(a Wan Fun / control condition); a Wan image-to-video model needs one from Sora "
+                                 "Wan Image To Video or core's WanImageToVideo")
+            return extras["concat_latent_image"], extras["concat_mask"]
+    return None
+
+
+def with_image_condition(cond: list, concat_latent_image: torch.Tensor, concat_mask: torch.Tensor) -> list:
+    """A new CONDITIONING whose every entry carries the image condition (the input is left unchanged)."""
+    return [[emb, {**extras, "concat_latent_image": concat_latent_image, "concat_mask": concat_mask}]
+            for emb, extras in cond]
 
 
 def join(parts: Sequence[torch.Tensor], overlap: int, loop: bool = False, atol: float = 1e-4) -> torch.Tensor:
