@@ -4,6 +4,8 @@
 
     DIR/diffusion_models/wan2.1_t2v_1.3B_bf16.safetensors   Wan 2.1 T2V DiT layout, bf16, ComfyUI prefix
     DIR/diffusion_models/wan2.2_ti2v_5B_fp16.safetensors    Wan 2.2 TI2V DiT layout (48 latent channels), fp16
+    DIR/diffusion_models/wan2.2_i2v_high_noise_14B_fp16.safetensors  Wan 2.2 I2V-A14B experts: 36 input channels
+    DIR/diffusion_models/wan2.2_i2v_low_noise_14B_fp16.safetensors   (16 latent + 20 image), fp16, ComfyUI prefix
     DIR/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors  umT5 in ComfyUI's scaled-fp8 form, with a tiny
                                                              embedded SentencePiece model (`spiece_model`)
     DIR/vae/wan_2.1_vae.safetensors                          Wan 2.1 VAE layout: z_dim 16, 8x / 4x compression
@@ -39,6 +41,8 @@ _DIT_SHAPE = dict(dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=UMT5
 WAN21_DIT_STANDIN = DiTConfig(model_type="t2v", in_dim=16, out_dim=16, **_DIT_SHAPE)
 WAN22_DIT_STANDIN = DiTConfig(model_type="ti2v", in_dim=48, out_dim=48, latent_format="wan22",
                               per_token_timesteps=True, **_DIT_SHAPE)
+# the two I2V-A14B experts: the same shapes, different random weights (as the real pair differs only in values)
+WAN22_I2V_DIT_STANDIN = DiTConfig(model_type="i2v", in_dim=36, out_dim=16, **_DIT_SHAPE)
 WAN21_VAE_STANDIN = VAEConfig(base_dim=8, decoder_base_dim=8, z_dim=16, num_res_blocks=1)
 WAN22_VAE_STANDIN = VAEConfig(base_dim=8, decoder_base_dim=8, z_dim=48, num_res_blocks=1, patch_size=2,
                               residual_shortcuts=True)
@@ -119,6 +123,10 @@ def _umt5_scaled_fp8(seed: int) -> Callable[[], StateDict]:
 STANDINS: tuple[StandIn, ...] = (
     StandIn("diffusion_models", "wan2.1_t2v_1.3B_bf16.safetensors", _dit(WAN21_DIT_STANDIN, torch.bfloat16, 1)),
     StandIn("diffusion_models", "wan2.2_ti2v_5B_fp16.safetensors", _dit(WAN22_DIT_STANDIN, torch.float16, 2)),
+    StandIn("diffusion_models", "wan2.2_i2v_high_noise_14B_fp16.safetensors",
+            _dit(WAN22_I2V_DIT_STANDIN, torch.float16, 6)),
+    StandIn("diffusion_models", "wan2.2_i2v_low_noise_14B_fp16.safetensors",
+            _dit(WAN22_I2V_DIT_STANDIN, torch.float16, 7)),
     StandIn("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", _umt5_scaled_fp8(3)),
     StandIn("vae", "wan_2.1_vae.safetensors", _vae(WAN21_VAE_STANDIN, torch.bfloat16, 4)),
     StandIn("vae", "wan2.2_vae.safetensors", _vae(WAN22_VAE_STANDIN, torch.float32, 5)),

@@ -10,6 +10,8 @@ from sora import cli, dit, standins, text, vae
 NAMES = {
     "diffusion_models/wan2.1_t2v_1.3B_bf16.safetensors",
     "diffusion_models/wan2.2_ti2v_5B_fp16.safetensors",
+    "diffusion_models/wan2.2_i2v_high_noise_14B_fp16.safetensors",
+    "diffusion_models/wan2.2_i2v_low_noise_14B_fp16.safetensors",
     "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors",
     "vae/wan_2.1_vae.safetensors",
     "vae/wan2.2_vae.safetensors",
