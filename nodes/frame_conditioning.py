@@ -7,6 +7,10 @@ frames and overlaps come in multiples of 4, and a whole clip has 1 + 4k frames.
 
 Long clips: generate a clip, extend it forward (overlap = the last frames it continues from), sample the part, and
 join clip and parts with Sora Join Clips using the same overlap; each overlap is kept once.
+
+The exception is Sora Wan Image To Video, for the Wan models that take their image through extra input channels
+(Wan 2.2 I2V-A14B): like core's WanImageToVideo it puts the encoded image into the positive and negative
+CONDITIONING and returns an empty latent; the sampler reads the image from there.
 """
 from __future__ import annotations
 
@@ -19,7 +23,10 @@ from ._common import (
     mappings,
     whole_latent_frames,
 )
+from ._handles import VAE
 from ._sora import sora
+from .vae_codec import AUTO
+from .vae_codec import _run as run_vae
 
 OVERLAP = ("INT", {"default": 16, "min": 4, "max": 4096, "step": 4,
                    "tooltip": "Video frames the clip and the new part share (a multiple of 4): the part continues "
@@ -146,6 +153,72 @@ class SoraImageToVideo:
             return (sora.conditioning.image_to_video(samples, latent_frames),)
 
 
+class SoraWanImageToVideo:
+    DISPLAY_NAME = "Sora Wan Image To Video"
+    DESCRIPTION = ("Image to video for Wan image-to-video models (Wan 2.2 I2V-A14B): the start image (and "
+                   "optionally an end image) is resized into the first (last) frame of a mid-gray video, encoded, "
+                   "and added to the positive and negative conditioning as core's WanImageToVideo does. Connect "
+                   "all three outputs to Sora Sampler.")
+    CATEGORY = category("frames")
+    FUNCTION = "condition"
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
+    RETURN_NAMES = ("positive", "negative", "latent")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "positive": ("CONDITIONING", {"tooltip": "Sora Text Encode's positive."}),
+                "negative": ("CONDITIONING", {"tooltip": "Sora Text Encode's negative."}),
+                "vae": (VAE, {"tooltip": "The model's VAE (Wan 2.1 VAE for I2V-A14B)."}),
+                "start_image": ("IMAGE", {"tooltip": "The first frame. It is resized to cover width x height and "
+                                                     "centre-cropped; several frames are kept as the clip's "
+                                                     "beginning."}),
+                "width": ("INT", {"default": 832, "min": 16, "max": 8192, "step": 16,
+                                  "tooltip": "Video width in pixels, a multiple of 16 (832 for 480p, 1280 for "
+                                             "720p)."}),
+                "height": ("INT", {"default": 480, "min": 16, "max": 8192, "step": 16,
+                                   "tooltip": "Video height in pixels, a multiple of 16 (480 or 720)."}),
+                "frames": ("INT", {"default": 81, "min": 5, "max": 4097, "step": 4,
+                                   "tooltip": "Video frames of the whole clip, 1 + 4k (81 = 5 s at 16 fps)."}),
+                "batch": ("INT", {"default": 1, "min": 1, "max": 64,
+                                  "tooltip": "Videos generated at once from the same image (each with its own "
+                                             "noise)."}),
+            },
+            "optional": {
+                "end_image": ("IMAGE", {"tooltip": "Optional last frame (first-last-frame): the clip ends on it."}),
+            },
+        }
+
+    def condition(self, positive, negative, vae, start_image, width, height, frames, batch, end_image=None):
+        node = type(self)
+        latent_frames = frames_on_grid(node, "frames", frames)
+        s = vae.config.spatial_factor
+        grid = 2 * s  # VAE compression times the DiT's 2x2 patch
+        for name, size in (("width", width), ("height", height)):
+            if size % grid:
+                below = size // grid * grid
+                hint = f"{below} or {below + grid}" if below else f"{grid}"
+                raise input_error(node, name, size, f"is not a multiple of {grid} ({s}x VAE compression, 2x2 "
+                                                    f"patches); use {hint}")
+        clips = {}
+        for name, image in (("start_image", start_image), ("end_image", end_image)):
+            if image is not None:
+                with about(node, name):
+                    sora.video_io.check_frames(image, name)
+                clips[name] = image.permute(3, 0, 1, 2)[None].float() * 2.0 - 1.0  # [1, 3, N, H, W] in -1..1
+        with about(node, "frames"):
+            video, known = sora.conditioning.wan_i2v_video(frames, height, width, clips["start_image"],
+                                                           clips.get("end_image"))
+        with about(node, "vae"):
+            encoded = run_vae(node, vae, video, AUTO, 0, 0, encode=True, what="encoding")
+        mask = sora.conditioning.wan_i2v_mask(known, latent_frames, height // s, width // s,
+                                              vae.config.temporal_factor)
+        empty = encoded.new_zeros(batch, encoded.shape[1], *encoded.shape[2:])
+        return (sora.conditioning.with_image_condition(positive, encoded, mask),
+                sora.conditioning.with_image_condition(negative, encoded, mask), {"samples": empty})
+
+
 class SoraVideoToVideo:
     DISPLAY_NAME = "Sora Video To Video"
     DESCRIPTION = ("Restyles a video: sampling starts from the encoded video noised to `strength`, using only the "
@@ -209,4 +282,5 @@ class SoraJoinClips:
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(
-    SoraExtendForward, SoraExtendBackward, SoraConnect, SoraLoop, SoraImageToVideo, SoraVideoToVideo, SoraJoinClips)
+    SoraExtendForward, SoraExtendBackward, SoraConnect, SoraLoop, SoraImageToVideo, SoraWanImageToVideo,
+    SoraVideoToVideo, SoraJoinClips)

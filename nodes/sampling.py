@@ -2,8 +2,12 @@
 
 Frame conditioning reaches the sampler through its `latent` input, the way ComfyUI core does it: a LATENT whose
 `noise_mask` is 0 on frames to keep and 1 on frames to generate (the Sora frame-conditioning nodes build it, and so
-does core's Wan22ImageToVideoLatent). Progress and latent previews go to ComfyUI's progress bar (tqdm headless),
-and ComfyUI's cancel button (Ctrl-C headless) stops the run between two steps.
+does core's Wan22ImageToVideoLatent). Wan image-to-video models (I2V-A14B) take their image through `positive`
+instead, again as core does: `concat_latent_image` and `concat_mask` in its extras (Sora Wan Image To Video or
+core's WanImageToVideo put them there), which become the model's 20 extra input channels.
+
+Progress and latent previews go to ComfyUI's progress bar (tqdm headless), and ComfyUI's cancel button (Ctrl-C
+headless) stops the run between two steps.
 """
 from __future__ import annotations
 
@@ -110,8 +114,8 @@ class SoraEmptyLatentVideo:
 class SoraSampler:
     DISPLAY_NAME = "Sora Sampler"
     DESCRIPTION = ("Generates the video latent: denoises `latent` along `sigmas` with classifier-free guidance, "
-                   "keeping the frames its noise_mask marks as known. Optionally hands the low-noise steps to a "
-                   "second expert (Wan 2.2 A14B).")
+                   "keeping the frames its noise_mask marks as known; Wan image-to-video models read their start "
+                   "image from `positive`. Optionally hands the low-noise steps to a second expert (Wan 2.2 A14B).")
     CATEGORY = category("sampling")
     FUNCTION = "sample"
     RETURN_TYPES = ("LATENT",)
@@ -123,7 +127,9 @@ class SoraSampler:
             "required": {
                 "model": (DIT, {"tooltip": "The diffusion model (the high-noise expert when a second one is "
                                            "connected)."}),
-                "positive": ("CONDITIONING", {"tooltip": "What to generate (Sora Text Encode's positive)."}),
+                "positive": ("CONDITIONING", {"tooltip": "What to generate (Sora Text Encode's positive). Wan "
+                                                         "image-to-video models: the positive of Sora Wan Image To "
+                                                         "Video, which carries the start image."}),
                 "negative": ("CONDITIONING", {"tooltip": "What to steer away from (Sora Text Encode's negative)."}),
                 "latent": ("LATENT", {"tooltip": "Where to start: an empty latent, a frame condition (its noise_mask "
                                                  "keeps the given frames) or an encoded video for video-to-video."}),
@@ -159,11 +165,6 @@ class SoraSampler:
         node = type(self)
         samples = latent_samples(node, "latent", latent)
         channels = model.latent_format.channels
-        if model.config.in_dim != channels:
-            raise input_error(node, "model", model.name,
-                              f"is a Wan image-to-video model ({model.config.in_dim} input channels: the latent and "
-                              "the image's own channels), which this sampler cannot condition yet; for image to "
-                              "video use Wan 2.2 TI2V-5B with Sora Image To Video")
         if samples.shape[1] != channels:
             raise input_error(node, "latent", Described(f"LATENT {list(samples.shape)}"),
                               f"has {samples.shape[1]} channels but {model.name} works on {channels}; make the "
@@ -176,6 +177,7 @@ class SoraSampler:
                 raise input_error(node, name, Described(f"CONDITIONING of width {contexts[name].shape[-1]}"),
                                   f"does not fit {model.name}, which reads {model.config.text_dim}-wide text "
                                   "states; encode the prompt with the text encoder that belongs to the model")
+        image = self._image_channels(model, positive, samples)
         if model_low_noise is not None:
             self._check_experts(model, model_low_noise)
         with about(node, "sigmas"):
@@ -191,9 +193,40 @@ class SoraSampler:
                 sampler=sampler_name, seed=seed, noise_mask=latent.get("noise_mask"),
                 low_noise_model=None if model_low_noise is None else model_low_noise.dit,
                 boundary_t=boundary * 1000.0, low_noise_guidance=guidance_low_noise or None, denoise=denoise,
+                extra_channels=image,
                 callback=_progress_callback(bar, model.latent_format), interrupt=sora.runtime.check_interrupt,
                 device=manager.compute_device)
         return ({**latent, "samples": out},)
+
+    def _image_channels(self, model, positive, samples):
+        """The extra input channels of a Wan image-to-video model (in_dim = latent channels + 20), built from the
+        image condition `positive` carries (ours or core's WanImageToVideo); None for other models. Both experts
+        and both guidance passes get the same channels (ARCH_FACTS §4.7, §4.9)."""
+        node, fmt = type(self), model.latent_format
+        with about(node, "positive"):
+            condition = sora.conditioning.image_condition(positive)
+        extra = model.config.in_dim - fmt.channels
+        if extra == 0:
+            if condition is not None:
+                raise input_error(node, "positive", Described("CONDITIONING with an image condition"),
+                                  f"(concat_latent_image), but {model.name} takes no image channels; connect the "
+                                  "text encode's positive directly (for image to video with this model use Sora "
+                                  "Image To Video), or load a Wan image-to-video model such as Wan 2.2 I2V-A14B")
+            return None
+        if condition is None:
+            raise input_error(node, "model", model.name,
+                              f"is a Wan image-to-video model ({model.config.in_dim} input channels: the latent "
+                              f"and {extra} of the start image), but 'positive' carries no image condition; run "
+                              "positive and negative through Sora Wan Image To Video (or core's WanImageToVideo) "
+                              "and connect its positive, negative and latent outputs here")
+        with about(node, "positive"):
+            channels = sora.conditioning.wan_i2v_concat(*condition, fmt)
+        if channels.shape[2:] != samples.shape[2:] or channels.shape[0] not in (1, samples.shape[0]):
+            raise input_error(node, "latent", Described(f"LATENT {list(samples.shape)}"),
+                              f"does not match the image condition in 'positive' (its latent is "
+                              f"{list(condition[0].shape)}); connect the latent output of the same Sora Wan Image "
+                              "To Video node, or give it this latent's size and frames")
+        return channels
 
     def _check_experts(self, high, low):
         if high.expert == LOW_NOISE or low.expert == HIGH_NOISE:
