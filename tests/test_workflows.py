@@ -25,12 +25,12 @@ CLASSES = load_node_mappings()[0]
 SHRINK = {"SoraEmptyLatentVideo": {"width": 64, "height": 32, "frames": 9}, "SoraScheduler": {"steps": 2},
           "SoraLoadImage": {"width": 64, "height": 32}, "SoraLoadVideo": {"width": 64, "height": 32, "max_frames": 9},
           "SoraImageToVideo": {"frames": 9}, "SoraExtendForward": {"overlap_frames": 4, "new_frames": 8},
-          "SoraJoinClips": {"overlap_frames": 4}}
+          "SoraJoinClips": {"overlap_frames": 4}, "SoraWanImageToVideo": {"width": 64, "height": 32, "frames": 9}}
 # workflow -> (video frames, width, height, fps) of its mp4; nano workflows run as shipped
 EXPECTED = {
     "wan21_t2v_1.3B": (9, 64, 32, 16), "wan22_ti2v_5B_t2v": (9, 64, 32, 24),
     "wan22_ti2v_5B_long_clip": (9 + 8 + 8, 64, 32, 24),  # clip, then two extensions of 8 new frames each
-    "wan22_ti2v_5B_i2v": (9, 64, 32, 24), "wan21_v2v_1.3B": (9, 64, 32, 16),
+    "wan22_ti2v_5B_i2v": (9, 64, 32, 24), "wan21_v2v_1.3B": (9, 64, 32, 16), "wan22_i2v_A14B": (9, 64, 32, 16),
     "nano_t2v": (33, 64, 64, 16), "nano_prompt_expansion": (33, 64, 64, 16),
 }
 

@@ -25,6 +25,7 @@ SOURCE_CLIP = "sora_source_clip.mp4"  # 81 frames of 208x120 (the 832x480 aspect
 
 WAN21_DIT = "wan2.1_t2v_1.3B_bf16.safetensors"
 WAN22_DIT = "wan2.2_ti2v_5B_fp16.safetensors"
+I2V_HIGH, I2V_LOW = "wan2.2_i2v_high_noise_14B_fp16.safetensors", "wan2.2_i2v_low_noise_14B_fp16.safetensors"
 UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 WAN21_VAE = "wan_2.1_vae.safetensors"
 WAN22_VAE = "wan2.2_vae.safetensors"
@@ -34,6 +35,7 @@ _WAN21 = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/ma
 _WAN22 = "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/"
 MODEL_FILES = {
     WAN21_DIT: (_WAN21, "diffusion_models"), WAN22_DIT: (_WAN22, "diffusion_models"),
+    I2V_HIGH: (_WAN22, "diffusion_models"), I2V_LOW: (_WAN22, "diffusion_models"),
     UMT5: (_WAN21, "text_encoders"), WAN21_VAE: (_WAN21, "vae"), WAN22_VAE: (_WAN22, "vae"),
 }
 
@@ -270,6 +272,32 @@ def wan22_i2v() -> Graph:
     return g
 
 
+def wan22_i2v_a14b() -> Graph:
+    g = Graph("wan22_i2v_A14B",
+              "# Image to video: Wan 2.2 I2V A14B (two experts)\n\nThe image, resized and centre-cropped to 832x480, "
+              "is the first frame of an 81-frame clip at 16 fps. The reference settings: 40 UniPC steps, shift 5; "
+              "the high-noise expert runs while the noise level is at or above 0.9, then the low-noise expert; "
+              f"guidance 3.5 for both. The example image, `{START_FRAME}`, ships in workflows/assets/; inside "
+              "ComfyUI upload your own image to the input folder and type its name.\n\n"
+              "Models (ComfyUI's models/ folders, or `sora run --models-dir DIR` with DIR/<folder>/):\n"
+              f"- diffusion_models/{I2V_HIGH}\n- diffusion_models/{I2V_LOW}\n- text_encoders/{UMT5}\n"
+              f"- vae/{WAN21_VAE}\n\nSmoke test without the real weights: `sora stand-ins DIR`.")
+    high, encoder, vae = _loaders(g, I2V_HIGH, UMT5, WAN21_VAE)
+    low = g.add("SoraModelLoader", model_name=I2V_LOW)
+    text = g.add("SoraTextEncode", text_encoder=encoder[0], prompt=(
+        "The red ball rolls steadily to the right across the dark floor, casting a soft shadow. Static camera, "
+        "even studio light, minimal clean style."))
+    sigmas = g.add("SoraScheduler", model=high[0], steps=40, shift=5.0)
+    image = g.add("SoraLoadImage", image=START_FRAME)
+    i2v = g.add("SoraWanImageToVideo", positive=text[0], negative=text[1], vae=vae[0], start_image=image[0],
+                width=832, height=480, frames=81)
+    sampled = g.add("SoraSampler", model=high[0], positive=i2v[0], negative=i2v[1], latent=i2v[2],
+                    sigmas=sigmas[0], seed=42, guidance=3.5, model_low_noise=low[0], boundary=0.9,
+                    guidance_low_noise=3.5)
+    _finish(g, vae, sampled[0], 16.0, "sora/wan22_i2v_a14b")
+    return g
+
+
 def wan21_v2v() -> Graph:
     g = Graph("wan21_v2v_1.3B",
               "# Video to video: Wan 2.1 T2V 1.3B\n\nThe source video (resized to 832x480, its first 81 frames) is "
@@ -321,7 +349,8 @@ def nano_prompt_expansion() -> Graph:
     return g
 
 
-WORKFLOWS = (wan21_t2v, wan22_ti2v_t2v, wan22_long_clip, wan22_i2v, wan21_v2v, nano_t2v, nano_prompt_expansion)
+WORKFLOWS = (wan21_t2v, wan22_ti2v_t2v, wan22_long_clip, wan22_i2v, wan22_i2v_a14b, wan21_v2v, nano_t2v,
+             nano_prompt_expansion)
 
 
 def build_all() -> dict[str, tuple[dict, dict]]:
