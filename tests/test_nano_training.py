@@ -126,22 +126,24 @@ def toy_dataset(clips=6, channels=4):
     generator = torch.Generator().manual_seed(0)
     return {"latents": torch.randn(clips, channels, 9, 2, 2, generator=generator).half(),
             "context": torch.randn(clips * DIT_CFG.captions_per_clip, 8, 384, generator=generator).half(),
-            "empty": torch.randn(1, 8, 384, generator=generator)}
+            "empty": torch.randn(1, 8, 384, generator=generator),
+            "object": torch.rand(clips, 9, 2, 2, generator=generator).half()}
 
 
 def test_batches_cover_text_to_video_known_leading_frames_and_framewise_noise():
     dataset = toy_dataset()
     generator = torch.Generator().manual_seed(1)
     t2v = dataclasses.replace(DIT_CFG, extend_share=0.0, short_share=0.0, framewise_share=0.0, text_dropout=0.0)
-    x0, sigma, context = td.training_batch(dataset, t2v, generator)
-    assert x0.shape == (4, 4, 9, 2, 2) and sigma.shape == (4, 9)
+    x0, sigma, context, cells = td.training_batch(dataset, t2v, generator)
+    assert x0.shape == (4, 4, 9, 2, 2) and sigma.shape == (4, 9) and cells.shape == (4, 9, 2, 2)
     assert (sigma > 0).all() and (sigma == sigma[:, :1]).all()  # one noise level per clip
     assert any(torch.equal(context[0], c.float()) for c in dataset["context"])
-    assert any(torch.equal(x0[0], c.float()) for c in dataset["latents"])
+    (i,) = [i for i, c in enumerate(dataset["latents"]) if torch.equal(x0[0], c.float())]
+    assert torch.equal(cells[0], 1 + t2v.object_gain * dataset["object"][i].float())  # the clip's own coverage
 
     extend = dataclasses.replace(DIT_CFG, extend_share=1.0, text_dropout=1.0)
     for _ in range(20):
-        x0, sigma, context = td.training_batch(dataset, extend, generator)
+        x0, sigma, context, _ = td.training_batch(dataset, extend, generator)
         k, length = int((sigma[0] == 0).sum()), x0.shape[2]
         assert 5 <= length <= 9 and 1 <= k <= min(3, length - 2)
         assert (sigma[:, :k] == 0).all() and (sigma[:, k:] > 0).all()
@@ -155,7 +157,7 @@ def test_batches_cover_text_to_video_known_leading_frames_and_framewise_noise():
     assert lengths == {5, 6, 7, 8}
 
     framewise = dataclasses.replace(DIT_CFG, extend_share=0.0, short_share=0.0, framewise_share=1.0)
-    x0, sigma, _ = td.training_batch(dataset, framewise, generator)
+    x0, sigma, _, _ = td.training_batch(dataset, framewise, generator)
     assert x0.shape[2] == 9 and len(sigma[0].unique()) == 9 and (sigma > 0).all()
 
 
@@ -175,16 +177,31 @@ def test_flow_loss_counts_only_generated_frames_and_keeps_known_ones_clean():
     expected = (1 - sigma[1, 3]) * x0[1, :, 3] + sigma[1, 3] * noise[1, :, 3]
     assert torch.allclose(seen["x"][1, :, 3], expected)
     assert torch.allclose(loss, (noise - x0)[:, :, 2:].square().mean())
+    # cell weights: a weighted mean over the generated frames
+    cells = torch.rand(2, 5, 2, 2)
+    weighted = td.flow_loss(model, x0, sigma, torch.zeros(2, 8, 384), torch.Generator().manual_seed(4), cells)
+    w = cells[:, None, 2:].expand(2, 4, 3, 2, 2)
+    assert torch.allclose(weighted, ((noise - x0)[:, :, 2:].square() * w).sum() / w.sum())
+
+
+def test_object_coverage_is_the_object_pixel_share_behind_each_latent_cell():
+    cfg = dataclasses.replace(DIT_CFG, clips=2, frames=9, size=16)
+    coverage = td.object_coverage(cfg, spatial=8, temporal=4)
+    assert coverage.shape == (2, 3, 2, 2)
+    pixels = data.object_pixels(data.make_clip(td.SEED_BASE + 1, 9, 16, 16))
+    assert coverage[1, 0, 1, 0].item() == pytest.approx(pixels[0, 8:, :8].mean().item(), abs=1e-3)
+    assert coverage[1, 2, 0, 1].item() == pytest.approx(pixels[5:9, :8, 8:].mean().item(), abs=1e-3)
+    assert coverage.sum() > 0
 
 
 def test_a_few_dit_steps_lower_the_loss_on_a_batch():
     torch.manual_seed(0)
     model = WanDiT(DIT_CFG.dit_config(4))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    x0, sigma, context = td.training_batch(toy_dataset(), DIT_CFG, torch.Generator().manual_seed(0))
+    x0, sigma, context, cells = td.training_batch(toy_dataset(), DIT_CFG, torch.Generator().manual_seed(0))
     losses = []
     for _ in range(15):
-        loss = td.flow_loss(model, x0, sigma, context, torch.Generator().manual_seed(0))
+        loss = td.flow_loss(model, x0, sigma, context, torch.Generator().manual_seed(0), cells)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -157,6 +157,12 @@ def render(scene: Scene, frames: int, height: int, width: int) -> torch.Tensor:
     return rgb * 2 - 1
 
 
+def object_pixels(clip: Clip) -> torch.Tensor:
+    """[F, H, W] float: 1 where a pixel shows any of the object (its anti-aliased edge included), else 0."""
+    background = torch.tensor(vocab.BACKGROUNDS[clip.scene.background]).view(3, 1, 1, 1) * 2 - 1
+    return ((clip.video - background).abs().amax(dim=0) > 1e-3).float()
+
+
 def make_clip(seed: int, frames: int = 33, height: int = 64, width: int = 64, **pinned: str) -> Clip:
     """The clip of `seed`: video [3, F, H, W] in -1..1 with its caption and scene.
 

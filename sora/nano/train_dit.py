@@ -70,6 +70,10 @@ class DiTTrainConfig:
     extend_share: float = 0.25  # batches with known leading frames (extension, image-to-video)
     short_share: float = 0.1  # text-to-video batches on a clip's first 5-8 latent frames (shorter videos)
     framewise_share: float = 0.25  # batches with a noise level per frame
+    # Extra loss weight on the latent cells the object covers (by pixel share). The object is a few cells of
+    # each frame, and where it goes is what the direction words decide: with equal weights the loss is mostly
+    # background, and the model learned colour long before direction.
+    object_gain: float = 8.0
     eval_every: int = 500
     eval_prompts: int = 16
     log_every: int = 25
@@ -121,14 +125,26 @@ def build_dataset(cfg: DiTTrainConfig, vae: WanVAE, fmt: LatentFormat, encoder: 
         clip = data.make_clip(SEED_BASE + i, cfg.frames, cfg.size, cfg.size)
         captions.extend(caption_variants(clip, SEED_BASE + i, cfg.captions_per_clip))
     dataset = {"latents": torch.cat(latents), "context": encode_captions(encoder, captions, cfg.text_len).half(),
-               "empty": encode_captions(encoder, [""], cfg.text_len)}
+               "empty": encode_captions(encoder, [""], cfg.text_len),
+               "object": object_coverage(cfg, vae.config.spatial_factor, vae.config.temporal_factor)}
     torch.save(dataset, path)
     partial.unlink()
     return dataset
 
 
+def object_coverage(cfg: DiTTrainConfig, spatial: int, temporal: int) -> torch.Tensor:
+    """[clips, T, h, w] float16: the share of the pixels behind each latent cell that show the object."""
+    out = []
+    for i in range(cfg.clips):
+        on_object = data.object_pixels(data.make_clip(SEED_BASE + i, cfg.frames, cfg.size, cfg.size))
+        first, rest = on_object[:1], on_object[1:].unflatten(0, (-1, temporal)).mean(dim=1)
+        out.append(torch.nn.functional.avg_pool2d(torch.cat([first, rest]), spatial).half())
+    return torch.stack(out)
+
+
 def training_batch(dataset: dict, cfg: DiTTrainConfig, generator: torch.Generator):
-    """One batch: (x0 [B, C, T, H, W], sigma [B, T] noise level per latent frame, 0 = known, context [B, L, 384]).
+    """One batch: (x0 [B, C, T, H, W], sigma [B, T] noise level per latent frame, 0 = known, context [B, L, 384],
+    cells [B, T, H, W] loss weight per latent cell, 1 + object_gain x object coverage).
 
     Every sample of a batch shares one window of latent frames and one kind of noise:
     - text-to-video: the whole clip, or its first 5-8 frames (shorter videos), one σ per sample;
@@ -163,12 +179,14 @@ def training_batch(dataset: dict, cfg: DiTTrainConfig, generator: torch.Generato
     context = contexts[caption].float()
     drop = torch.rand(B, generator=generator) < cfg.text_dropout
     context[drop] = dataset["empty"][0]
-    return x0, sigma, context
+    cells = 1.0 + cfg.object_gain * dataset["object"][index, start:start + length].float()
+    return x0, sigma, context, cells
 
 
 def flow_loss(model: WanDiT, x0: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-              generator: torch.Generator) -> torch.Tensor:
-    """Rectified-flow loss: x_σ = (1-σ)·x0 + σ·ε per latent frame, target v = ε - x0, on the frames with σ > 0.
+              generator: torch.Generator, cells: torch.Tensor | None = None) -> torch.Tensor:
+    """Rectified-flow loss: x_σ = (1-σ)·x0 + σ·ε per latent frame, target v = ε - x0, on the frames with σ > 0,
+    each latent cell weighted by `cells` [B, T, H, W] (default 1).
 
     Known frames (σ = 0) enter clean with timestep 0, as the sampler gives them (sora.conditioning.KnownFrames).
     """
@@ -176,6 +194,8 @@ def flow_loss(model: WanDiT, x0: torch.Tensor, sigma: torch.Tensor, context: tor
     noise = torch.randn(x0.shape, generator=generator)
     v = model((1 - s) * x0 + s * noise, sigma * 1000.0, context)
     weight = (sigma > 0).float()[:, None, :, None, None].expand_as(v)
+    if cells is not None:
+        weight = weight * cells[:, None]
     return ((v - (noise - x0)).square() * weight).sum() / weight.sum()
 
 
@@ -243,6 +263,9 @@ def train(cfg: DiTTrainConfig, vae_file: Path, run: Path, eval_vae_file: Path | 
     data_file = run / "data.pt"
     if data_file.is_file():
         dataset = torch.load(data_file, weights_only=True)
+        if "object" not in dataset:  # a dataset from before the object weights
+            dataset["object"] = object_coverage(cfg, vae.config.spatial_factor, vae.config.temporal_factor)
+            torch.save(dataset, data_file)
     else:
         dataset = build_dataset(cfg, vae, fmt, encoder, data_file)
 
@@ -268,8 +291,8 @@ def train(cfg: DiTTrainConfig, vae_file: Path, run: Path, eval_vae_file: Path | 
     while step < cfg.steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        x0, sigma, context = training_batch(dataset, cfg, generator)
-        loss = flow_loss(model, x0, sigma, context, generator)
+        x0, sigma, context, cells = training_batch(dataset, cfg, generator)
+        loss = flow_loss(model, x0, sigma, context, generator, cells)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

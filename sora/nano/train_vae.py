@@ -32,7 +32,6 @@ from ..latent_formats import LatentFormat
 from ..vae import (AttentionBlock, CausalConv3d, DownStage, Resample, ResidualBlock, UpStage, VAEConfig, WanVAE,
                    average_down, duplicate_up, patchify, unpatchify)
 from . import data, judge, latent_format_from_metadata, latent_format_metadata
-from . import vocabulary as vocab
 
 SEED_BASE = 10_000_000  # training clip seeds start here, far from the small seeds of tests and evaluations
 LOGVAR_INIT = -8.0  # initial log-variance of the posterior (standard deviation 0.02)
@@ -110,8 +109,7 @@ def training_batch(cfg: VAETrainConfig, step: int) -> tuple[torch.Tensor, torch.
         x0 = min(max(round(cx - crop / 2 + rng.uniform(-jitter, jitter)), 0), cfg.size - crop)
         y0 = min(max(round(cy - crop / 2 + rng.uniform(-jitter, jitter)), 0), cfg.size - crop)
         video = clip.video[:, :, y0:y0 + crop, x0:x0 + crop]
-        background = torch.tensor(vocab.BACKGROUNDS[clip.scene.background]).view(3, 1, 1, 1) * 2 - 1
-        on_object = ((video - background).abs().amax(dim=0, keepdim=True) > 1e-3).float()
+        on_object = data.object_pixels(clip)[None, :, y0:y0 + crop, x0:x0 + crop]
         videos.append(video)
         share = on_object.mean().clamp(1e-3, 1 - 1e-3)
         weights.append(on_object * (cfg.object_share / share) + (1 - on_object) * ((1 - cfg.object_share) / (1 - share)))
