@@ -133,7 +133,8 @@ def toy_dataset(clips=6, channels=4):
 def test_batches_cover_text_to_video_known_leading_frames_and_framewise_noise():
     dataset = toy_dataset()
     generator = torch.Generator().manual_seed(1)
-    t2v = dataclasses.replace(DIT_CFG, extend_share=0.0, short_share=0.0, framewise_share=0.0, text_dropout=0.0)
+    t2v = dataclasses.replace(DIT_CFG, i2v_share=0.0, extend_share=0.0, short_share=0.0, framewise_share=0.0,
+                              text_dropout=0.0)
     x0, sigma, context, cells = td.training_batch(dataset, t2v, generator)
     assert x0.shape == (4, 4, 9, 2, 2) and sigma.shape == (4, 9) and cells.shape == (4, 9, 2, 2)
     assert (sigma > 0).all() and (sigma == sigma[:, :1]).all()  # one noise level per clip
@@ -141,7 +142,11 @@ def test_batches_cover_text_to_video_known_leading_frames_and_framewise_noise():
     (i,) = [i for i, c in enumerate(dataset["latents"]) if torch.equal(x0[0], c.float())]
     assert torch.equal(cells[0], 1 + t2v.object_gain * dataset["object"][i].float())  # the clip's own coverage
 
-    extend = dataclasses.replace(DIT_CFG, extend_share=1.0, text_dropout=1.0)
+    i2v = dataclasses.replace(DIT_CFG, i2v_share=1.0)
+    x0, sigma, _, _ = td.training_batch(dataset, i2v, generator)
+    assert x0.shape[2] == 9 and (sigma[:, 0] == 0).all() and (sigma[:, 1:] > 0).all()
+
+    extend = dataclasses.replace(DIT_CFG, i2v_share=0.0, extend_share=1.0, text_dropout=1.0)
     for _ in range(20):
         x0, sigma, context, _ = td.training_batch(dataset, extend, generator)
         k, length = int((sigma[0] == 0).sum()), x0.shape[2]
@@ -152,11 +157,11 @@ def test_batches_cover_text_to_video_known_leading_frames_and_framewise_noise():
         assert any(torch.equal(x0[0], c[:, start:].float()) for c in dataset["latents"])
         assert torch.equal(context, dataset["empty"].expand(4, -1, -1))
 
-    short = dataclasses.replace(DIT_CFG, extend_share=0.0, short_share=1.0)
+    short = dataclasses.replace(DIT_CFG, i2v_share=0.0, extend_share=0.0, short_share=1.0)
     lengths = {td.training_batch(dataset, short, generator)[0].shape[2] for _ in range(30)}
     assert lengths == {5, 6, 7, 8}
 
-    framewise = dataclasses.replace(DIT_CFG, extend_share=0.0, short_share=0.0, framewise_share=1.0)
+    framewise = dataclasses.replace(DIT_CFG, i2v_share=0.0, extend_share=0.0, short_share=0.0, framewise_share=1.0)
     x0, sigma, _, _ = td.training_batch(dataset, framewise, generator)
     assert x0.shape[2] == 9 and len(sigma[0].unique()) == 9 and (sigma > 0).all()
 
