@@ -25,7 +25,7 @@ import pytest
 from sora import standins
 from sora.nodes import load_node_mappings
 from sora.workflow import node_spec
-from test_workflows import EXPECTED, FOLDER, SHRINK, nano_ready, probe
+from test_workflows import EXPECTED, FOLDER, SHRINK, probe
 
 COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", "")).expanduser()
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_DIR") or not (COMFYUI_DIR / "main.py").is_file(),
@@ -173,8 +173,6 @@ def shrunk(name: str, uploads: dict[str, str]) -> dict:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_each_api_workflow_executes_through_post_prompt(server, name, tmp_path):
-    if name.startswith("nano") and not nano_ready():
-        pytest.skip("nano weights not trained yet")
     uploads = {}
     for asset in ("sora_start_frame.png", "sora_source_clip.mp4"):  # under new names: found in the input folder
         uploaded = server.upload(FOLDER / "assets" / asset, f"uploaded_{asset}")

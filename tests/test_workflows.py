@@ -12,7 +12,6 @@ import av
 import pytest
 
 from sora import cli, memory, runtime, standins
-from sora.errors import CheckpointError
 from sora.nodes import load_node_mappings
 from sora.workflow import api_prompt, apply_overrides, load_workflow, node_spec, validate
 
@@ -136,15 +135,6 @@ def test_readme_lists_every_workflow_and_the_models_it_needs():
                     assert file in section, f"{name}: {file}"
 
 
-def nano_ready() -> bool:
-    from sora import nano
-    try:
-        nano.dit_path(), nano.vae_path()
-    except CheckpointError:
-        return False
-    return True
-
-
 def overrides(name: str) -> list[str]:
     if name.startswith("nano"):
         return []
@@ -170,8 +160,6 @@ def fresh_manager():
 @pytest.mark.parametrize("form", ["api", "ui"])
 @pytest.mark.parametrize("name", NAMES)
 def test_runs_end_to_end_with_sora_run(name, form, models, tmp_path, capsys):
-    if name.startswith("nano") and not nano_ready():
-        pytest.skip("nano weights not trained yet")
     path = FOLDER / "api" / f"{name}.json" if form == "api" else FOLDER / f"{name}.json"
     out = tmp_path / "out"
     code = cli.main(["run", str(path), "--models-dir", str(models), "--output-dir", str(out), *overrides(name)])

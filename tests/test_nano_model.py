@@ -1,0 +1,58 @@
+"""The shipped nano model: its files load through the real loaders within the size budget, their latent
+statistics agree everywhere they are kept, and a short generation follows the colour of its prompt.
+
+Direction of motion is not asserted: the shipped weights do not follow it yet (see weights/MODEL_CARD.md);
+benchmarks/nano_quality.py measures it."""
+import pytest
+import torch
+
+from sora import nano
+from sora.checkpoints import read_metadata
+from sora.dit import load_dit
+from sora.latent_formats import FORMATS
+from sora.nano import judge
+from sora.nano.pipeline import NanoPipeline
+from sora.schedules import DEFAULTS
+from sora.vae import load_vae
+
+PHRASE = {"right": "moving to the right", "left": "moving to the left", "up": "moving up", "down": "moving down"}
+# every colour once, every direction twice
+CASES = [("red", "circle", "right"), ("green", "square", "up"), ("blue", "triangle", "left"),
+         ("yellow", "circle", "down"), ("purple", "square", "right"), ("orange", "triangle", "up"),
+         ("cyan", "circle", "left"), ("white", "square", "down")]
+
+
+def test_shipped_files_load_with_the_real_loaders_within_budget():
+    files = [nano.dit_path(), nano.vae_path(), nano.WEIGHTS / "MODEL_CARD.md"]
+    assert sum(f.stat().st_size for f in files) <= 30 * 2**20
+    dit = load_dit(nano.dit_path(), compute_dtype=torch.float32)
+    vae = load_vae(nano.vae_path())
+    fmt = FORMATS["nano"]  # registered by importing sora.nano, from the shipped VAE file
+    assert dit.config.latent_format == "nano" and dit.config.per_token_timesteps
+    assert dit.config.in_dim == dit.config.out_dim == vae.config.z_dim == fmt.channels
+    assert (vae.config.spatial_factor, vae.config.temporal_factor) == (fmt.spatial, fmt.temporal)
+    assert nano.latent_format_from_metadata(read_metadata(nano.dit_path())) == fmt
+    assert DEFAULTS["nano"] == nano.DEFAULTS
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return NanoPipeline.load()
+
+
+def _generate(pipeline, colors):
+    """Judge one clip per colour; case i keeps its shape and direction whatever colour it is asked for."""
+    prompts = [f"a {color} {shape} {PHRASE[d]}" for color, (_, shape, d) in zip(colors, CASES + CASES[::-1])]
+    videos = pipeline.decode(pipeline.text_to_latent(prompts, seed=0))
+    return [judge.judge_video(v) for v in videos]
+
+
+def test_a_short_generation_follows_the_colour_of_its_prompt(pipeline):
+    asked = [c for c, _, _ in CASES] * 2  # 16 clips, every colour twice
+    verdicts = _generate(pipeline, asked)
+    assert sum(v.color == c for v, c in zip(verdicts, asked)) >= 13  # the issue's bar: 0.8
+    assert all(v.visible == 1.0 for v in verdicts)  # one object, seen in every frame
+    # the same noise with the colour words rotated: the colours follow the words, not the noise
+    rotated = asked[3:] + asked[:3]
+    verdicts = _generate(pipeline, rotated)
+    assert sum(v.color == c for v, c in zip(verdicts, rotated)) >= 13
