@@ -146,7 +146,9 @@ def test_every_node_is_in_object_info(server):
         order = entry["input_order"]
         assert order.get("required", []) + order.get("optional", []) == list(spec.inputs)
     loader = info["SoraModelLoader"]["input"]["required"]["model_name"][0]
-    assert loader == ["nano (embedded)", "wan2.1_t2v_1.3B_bf16.safetensors", "wan2.2_ti2v_5B_fp16.safetensors"]
+    # the dropdown lists ComfyUI's diffusion_models folder (here: the stand-ins), after the embedded model
+    stand_ins = sorted(p.name for p in (server.base / "models" / "diffusion_models").iterdir())
+    assert loader == ["nano (embedded)", *stand_ins] and "wan2.1_t2v_1.3B_bf16.safetensors" in stand_ins
 
 
 def test_the_web_extension_is_served(server):
