@@ -34,3 +34,23 @@ def custom_node_package():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A models folder (ComfyUI layout) holding the tiny random stand-ins of every supported file."""
+    from sora import standins
+
+    root = tmp_path_factory.mktemp("models")
+    standins.write_standins(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fresh_manager():
+    """A memory manager (and model cache) of the test module's own."""
+    from sora import memory
+
+    previous = memory.set_manager(memory.MemoryManager())
+    yield
+    memory.set_manager(previous) if previous is not None else None

@@ -8,27 +8,15 @@ import torch
 from PIL import Image
 from sora.nodes import frame_conditioning, loaders, sampling, text_encode
 
-from sora import conditioning, dit, memory, runtime, standins
+from sora import conditioning, dit, runtime, standins
 from sora.errors import InputError
 from sora.latent_formats import WAN21
+
+pytestmark = pytest.mark.usefixtures("fresh_manager")  # a memory manager of this module's own
 
 HIGH, LOW = "wan2.2_i2v_high_noise_14B_fp16.safetensors", "wan2.2_i2v_low_noise_14B_fp16.safetensors"
 T2V = "wan2.1_t2v_1.3B_bf16.safetensors"
 WIDTH, HEIGHT, FRAMES = 64, 32, 9  # 3 latent frames of 4 x 8 cells
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    standins.write_standins(root)
-    return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fresh_manager():
-    previous = memory.set_manager(memory.MemoryManager())
-    yield
-    memory.set_manager(previous) if previous is not None else None
 
 
 @pytest.fixture(autouse=True)

@@ -21,23 +21,10 @@ from sora.nodes._handles import HIGH_NOISE, LOW_NOISE, SINGLE
 from sora import memory, runtime, schedules, standins, text
 from sora.errors import CheckpointError, InputError, Interrupted
 
+pytestmark = pytest.mark.usefixtures("fresh_manager")  # a memory manager of this module's own
+
 WAN21, WAN22 = "wan2.1_t2v_1.3B_bf16.safetensors", "wan2.2_ti2v_5B_fp16.safetensors"
 UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    standins.write_standins(root)
-    return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fresh_manager():
-    """A memory manager (and model cache) of this module's own."""
-    previous = memory.set_manager(memory.MemoryManager())
-    yield
-    memory.set_manager(previous) if previous is not None else None
 
 
 @pytest.fixture(autouse=True)

@@ -11,9 +11,11 @@ from pathlib import Path
 import av
 import pytest
 
-from sora import cli, memory, runtime, standins
+from sora import cli, runtime
 from sora.nodes import load_node_mappings
 from sora.workflow import api_prompt, apply_overrides, load_workflow, node_spec, validate
+
+pytestmark = pytest.mark.usefixtures("fresh_manager")  # a memory manager of this module's own
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDER = REPO / "workflows"
@@ -40,13 +42,6 @@ def read(path: Path) -> dict:
 
 def graph(prompt: dict) -> dict:
     return {node_id: (node["class_type"], node["inputs"]) for node_id, node in prompt.items()}
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    standins.write_standins(root)
-    return root
 
 
 @pytest.fixture(autouse=True)
@@ -148,13 +143,6 @@ def probe(path: Path) -> tuple:
         stream = container.streams.video[0]
         count = sum(1 for _ in container.decode(stream))
         return count, stream.codec_context.width, stream.codec_context.height, stream.average_rate
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fresh_manager():
-    previous = memory.set_manager(memory.MemoryManager())
-    yield
-    memory.set_manager(previous) if previous is not None else None
 
 
 @pytest.mark.parametrize("form", ["api", "ui"])
