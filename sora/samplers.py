@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import traceback
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 import torch
@@ -35,7 +36,7 @@ def half_log_snr(sigma: float) -> float:
     return math.log1p(-sigma) - math.log(sigma)
 
 
-class Solver:
+class Solver(ABC):
     """Advances a sample along `sigmas`: `step(i, x, v)` goes from sigmas[i] to sigmas[i + 1], given the velocity
     `v` predicted at (x, sigmas[i]). Steps must be taken in order, 0 to len(sigmas) − 2."""
 
@@ -43,8 +44,9 @@ class Solver:
         self.sigmas = [float(s) for s in sigmas]
         self.steps = len(self.sigmas) - 1
 
+    @abstractmethod
     def step(self, i: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
 
 class Euler(Solver):

@@ -17,6 +17,7 @@ import html
 import importlib.util
 import json
 import re
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -110,7 +111,7 @@ ENCODING_CACHE = EncodingCache()  # one per process, shared by every encoder ins
 # The encoder interface
 # ---------------------------------------------------------------------------------------------------------------
 
-class TextEncoder:
+class TextEncoder(ABC):
     """A tokenizer and a model behind `encode`, with the shared encoding cache.
 
     Subclasses set `name`, `dim`, `max_length` (tokens per prompt, special tokens included), `pad_length` (rows
@@ -188,14 +189,17 @@ class TextEncoder:
         """Drop the weights; cached prompts still encode, others reload them from the files."""
         self._model = None
 
+    @abstractmethod
     def _tokenize(self, text: str) -> list[int]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _load_model(self) -> nn.Module:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _run(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
 
 def _files_identity(path: Path) -> tuple:
