@@ -168,8 +168,8 @@ def load_workflow(source: str | Path | dict, node_classes: NodeClasses) -> Workf
     if isinstance(source, (str, Path)):
         try:
             text = Path(source).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise WorkflowError(f"cannot read the workflow file {source}: {getattr(e, 'strerror', None) or e}") \
+        except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: a path with a NUL byte
+            raise WorkflowError(f"cannot read the workflow file {source!r}: {getattr(e, 'strerror', None) or e}") \
                 from None
         try:
             data = json.loads(text)

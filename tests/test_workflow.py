@@ -308,4 +308,6 @@ def test_malformed_files(text, message, tmp_path, out):
         run_workflow(path, NODES)
     with pytest.raises(WorkflowError, match="cannot read the workflow file"):
         run_workflow(tmp_path / "missing.json", NODES)
+    with pytest.raises(WorkflowError, match="cannot read the workflow file"):  # not a path the OS can open
+        run_workflow(str(tmp_path / "wf\x00.json"), NODES)
     assert not out.exists()
