@@ -11,6 +11,7 @@ from sora.latent_formats import FORMATS
 from sora.nano import data, latent_format_from_metadata
 from sora.nano import train_dit as td
 from sora.nano import train_vae as tv
+from sora.nano import vocabulary as vocab
 from sora.vae import WanVAE, load_vae
 
 VAE_CFG = tv.VAETrainConfig(base_dim=4, decoder_base_dim=4, z_dim=4, short_crop=16, crop=16, batch=2, stats_clips=2,
@@ -164,6 +165,24 @@ def test_batches_cover_text_to_video_known_leading_frames_and_framewise_noise():
     framewise = dataclasses.replace(DIT_CFG, i2v_share=0.0, extend_share=0.0, short_share=0.0, framewise_share=1.0)
     x0, sigma, _, _ = td.training_batch(dataset, framewise, generator)
     assert x0.shape[2] == 9 and len(sigma[0].unique()) == 9 and (sigma > 0).all()
+
+
+def test_focus_batches_are_of_one_kind_at_high_noise():
+    dataset, generator = toy_dataset(), torch.Generator().manual_seed(2)
+    for _ in range(10):  # whatever the batch mix says
+        x0, sigma, _, _ = td.training_batch(dataset, DIT_CFG, generator, focus=("i2v", 0.9))
+        assert x0.shape[2] == 9 and (sigma[:, 0] == 0).all() and (sigma[:, 1:] >= 0.9).all()
+        x0, sigma, _, _ = td.training_batch(dataset, DIT_CFG, generator, focus=("t2v", 0.85))
+        assert x0.shape[2] == 9 and (sigma >= 0.85).all() and (sigma == sigma[:, :1]).all()
+
+
+def test_caption_variants_end_with_the_direction_phrase_alone():
+    for seed in range(12):
+        clip = data.make_clip(seed)
+        captions = td.caption_variants(clip, seed, 3)
+        assert captions[0] == clip.caption and len(captions) == 3
+        assert captions[2] in vocab.DIRECTION_PHRASES[clip.scene.direction]
+        assert clip.scene.color in captions[1].split()  # a full wording
 
 
 def test_flow_loss_counts_only_generated_frames_and_keeps_known_ones_clean():
