@@ -7,9 +7,10 @@ with the shapes, sizes, speeds and backgrounds it draws), at the nano defaults (
 steps, guidance 5, empty negative prompt) through the real sampler; the judge reads each clip's colour and
 direction. Extension: 12 clips of 17 frames, each continued by 4 latent frames (16 pixel frames) conditioned on
 its last 2 latent frames, joined into 33 frames; a run counts when the judge sees the same direction on both
-sides of the join and no jump across it. `--out` also writes every clip as an mp4.
+sides of the join and no jump across it. Image-to-video: 8 first frames with the object in the middle, each asked
+to move in all four directions with one seed (so only the words differ). `--out` also writes every clip as an mp4.
 
-Prints one verdict per run, the time of each stage of one default generation, and last the line
+Prints one verdict per run, the image-to-video direction accuracy, the time of each stage of one default generation, and last the line
 `nano: color_acc=C motion_acc=M extend_continuity=X`.
 """
 from __future__ import annotations
@@ -96,6 +97,21 @@ def main() -> None:
         print(f"  {i:2d} seed {seed} {caption!r}: before {result.before.direction}, after {result.after.direction}, "
               f"jump {result.jump:.1f}px (limit {result.limit:.1f}) {'ok' if result.continues else 'MISS'}")
         write(args.out, f"extend_{i:02d}", video)
+
+    print("image-to-video (one first frame, the object in the middle, asked all four directions with one seed):")
+    i2v_hits = i2v_runs = 0
+    for i, color in enumerate(sorted(vocab.COLORS)):
+        first, scene = data.centred_first_frame(900 + i, color=color)
+        for direction in sorted(vocab.DIRECTIONS):
+            caption = f"a {color} {scene.shape} {vocab.DIRECTION_PHRASES[direction][0]}"
+            video = pipe.decode(pipe.image_to_latent(first[None], [caption], seed=i))[0]
+            verdict = judge.judge_video(video)
+            i2v_hits += verdict.direction == direction
+            i2v_runs += 1
+            print(f"  {i:2d} {caption!r}: direction {verdict.direction} "
+                  f"{'ok' if verdict.direction == direction else 'MISS'}")
+            write(args.out, f"i2v_{i:02d}_{direction}", video)
+    print(f"image-to-video: motion_acc={i2v_hits / i2v_runs:.2f}")
 
     print("\none default generation on this machine (median over the text-to-video runs), seconds:")
     print(f"  {'stage':<26} {'seconds':>8}")

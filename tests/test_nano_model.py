@@ -1,8 +1,9 @@
 """The shipped nano model: its files load through the real loaders within the size budget, their latent
-statistics agree everywhere they are kept, and a short generation follows the colour of its prompt.
+statistics agree everywhere they are kept, a short text-to-video generation follows the colour of its prompt and
+an image-to-video generation its direction of motion, whatever the noise.
 
-Direction of motion is not asserted: the shipped weights do not follow it yet (see weights/MODEL_CARD.md);
-benchmarks/nano_quality.py measures it."""
+Text-to-video direction is not asserted: the shipped weights follow it in about a third of the clips (see
+weights/MODEL_CARD.md); benchmarks/nano_quality.py measures it, and extensions."""
 import pytest
 import torch
 
@@ -10,7 +11,8 @@ from sora import nano
 from sora.checkpoints import read_metadata
 from sora.dit import load_dit
 from sora.latent_formats import FORMATS
-from sora.nano import judge
+from sora.nano import data, judge
+from sora.nano import vocabulary as vocab
 from sora.nano.pipeline import NanoPipeline
 from sora.schedules import DEFAULTS
 from sora.vae import load_vae
@@ -56,3 +58,16 @@ def test_a_short_generation_follows_the_colour_of_its_prompt(pipeline):
     rotated = asked[3:] + asked[:3]
     verdicts = _generate(pipeline, rotated)
     assert sum(v.color == c for v, c in zip(verdicts, rotated)) >= 13
+
+
+def test_an_image_to_video_generation_follows_the_direction_of_its_prompt(pipeline):
+    """One first frame per colour with the object in the middle, asked to move each of the four ways with the same
+    noise: only the words differ, so the motion must come from them."""
+    hits = runs = 0
+    for i, color in enumerate(sorted(vocab.COLORS)[:4]):
+        first, scene = data.centred_first_frame(900 + i, color=color)
+        for direction, phrase in PHRASE.items():
+            latent = pipeline.image_to_latent(first[None], [f"a {color} {scene.shape} {phrase}"], seed=i)
+            hits += judge.judge_video(pipeline.decode(latent)[0]).direction == direction
+            runs += 1
+    assert hits >= 0.8 * runs  # the issue's bar

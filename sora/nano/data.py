@@ -7,6 +7,7 @@ whenever its path fits, so direction of motion is never ambiguous.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -175,3 +176,10 @@ def make_clip(seed: int, frames: int = 33, height: int = 64, width: int = 64, **
     rng = random.Random(seed)
     scene = sample_scene(rng, frames, height, width, **pinned)
     return Clip(video=render(scene, frames, height, width), caption=write_caption(scene, rng), scene=scene)
+
+
+def centred_first_frame(seed: int, height: int = 64, width: int = 64, **pinned: str) -> tuple[torch.Tensor, Scene]:
+    """The first frame [3, 1, H, W] of the clip of `seed` with its object moved to the middle, where it has room to
+    go in any direction (for asking one image to move every way), and that scene."""
+    scene = dataclasses.replace(make_clip(seed, 1, height, width, **pinned).scene, start=(width / 2, height / 2))
+    return render(scene, 1, height, width), scene

@@ -1,7 +1,7 @@
 """Generating with the nano model from plain Python: prompts -> latent -> video, and extending a clip.
 
 It makes the calls the nodes make (`load_dit`, `load_vae`, `load_minilm`, `sora.samplers.sample`,
-`sora.conditioning.extend_forward` / `join`) at the nano defaults; the benchmark, the tests and the training
+`sora.conditioning.image_to_video`, `extend_forward` / `join`) at the nano defaults; the benchmark, the tests and the training
 evaluation use it. The negative prompt is the empty one, as in the shipped nano workflow.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..conditioning import extend_forward, join
+from ..conditioning import extend_forward, image_to_video, join
 from ..dit import WanDiT, load_dit
 from ..samplers import sample
 from ..schedules import flow_sigmas
@@ -55,6 +55,15 @@ class NanoPipeline:
         latent = torch.zeros(len(prompts), cfg.z_dim, (frames - 1) // cfg.temporal_factor + 1,
                              height // cfg.spatial_factor, width // cfg.spatial_factor)
         return self.denoise(latent, prompts, seed)
+
+    @torch.inference_mode()
+    def image_to_latent(self, image: torch.Tensor, prompts: list[str], seed: int,
+                        frames: int = DEFAULTS.frames) -> torch.Tensor:
+        """Image-to-video: `image` [B, 3, 1, H, W] in -1..1 becomes the first frame of a raw latent clip of
+        `frames` pixel frames; the caption says how it moves."""
+        latent_frames = (frames - 1) // self.vae.config.temporal_factor + 1
+        condition = image_to_video(self.vae.encode(image), latent_frames)
+        return self.denoise(condition["samples"], prompts, seed, condition["noise_mask"])
 
     def extend_latent(self, clip: torch.Tensor, prompts: list[str], seed: int, overlap: int = 2,
                       new_frames: int = 4) -> torch.Tensor:
