@@ -10,7 +10,8 @@ its last 2 latent frames, joined into 33 frames; a run counts when the judge see
 sides of the join and no jump across it. Image-to-video: 8 first frames with the object in the middle, each asked
 to move in all four directions with one seed (so only the words differ). `--out` also writes every clip as an mp4.
 
-Prints one verdict per run, the image-to-video direction accuracy, the time of each stage of one default generation, and last the line
+Prints one verdict per run, the image-to-video direction accuracy, the time of each stage of one default
+generation, and last the line
 `nano: color_acc=C motion_acc=M extend_continuity=X`.
 """
 from __future__ import annotations

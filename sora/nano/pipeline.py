@@ -1,8 +1,9 @@
-"""Generating with the nano model from plain Python: prompts -> latent -> video, and extending a clip.
+"""Generating with the nano model from plain Python: prompts (or a first frame and prompts) -> latent -> video,
+and extending a clip.
 
 It makes the calls the nodes make (`load_dit`, `load_vae`, `load_minilm`, `sora.samplers.sample`,
-`sora.conditioning.image_to_video`, `extend_forward` / `join`) at the nano defaults; the benchmark, the tests and the training
-evaluation use it. The negative prompt is the empty one, as in the shipped nano workflow.
+`sora.conditioning.image_to_video`, `extend_forward` / `join`) at the nano defaults; the benchmark, the tests and
+the training evaluation use it. The negative prompt is the empty one, as in the shipped nano workflow.
 """
 from __future__ import annotations
 

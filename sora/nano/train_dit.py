@@ -117,9 +117,10 @@ def caption_variants(clip: data.Clip, seed: int, count: int) -> list[str]:
     The direction-only caption is what lets the model learn to read direction words. Measured on image-to-video
     batches (first frame known, the rest at σ >= 0.9): with full captions only, the loss with the direction word
     swapped stayed equal to the loss with the right one for 500 steps (the model ignored it, as it had for the
-    first 4,800 steps of the shipped run); with a third of the captions reduced to the direction phrase, swapping it cost 0.09
-    (a third of the loss) by step 700, measured on full captions. In a full caption the direction word is one
-    token among ten, and its state differs little from its opposite's (MiniLM cosine 0.78 for left/right).
+    first 4,800 steps of the shipped run); with a third of the captions reduced to the direction phrase, swapping
+    it cost 0.09 (a third of the loss) by step 700, measured on full captions. In a full caption the direction
+    word is one token among ten, and its state differs little from its opposite's (MiniLM cosine 0.78 for
+    left/right).
     """
     full = [clip.caption] + [data.write_caption(clip.scene, random.Random(f"{seed}/{k}")) for k in range(1, count - 1)]
     return full + [random.Random(f"{seed}/direction").choice(vocab.DIRECTION_PHRASES[clip.scene.direction])]
