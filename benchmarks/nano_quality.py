@@ -1,6 +1,6 @@
 """Does the embedded nano model follow its prompt, and does an extension carry the motion on?
 
-    python benchmarks/nano_quality.py [--threads 1] [--out DIR]
+    python benchmarks/nano_quality.py [--threads 1] [--out DIR] [--dit FILE]
 
 Text-to-video: every colour with every direction (32 prompt/seed pairs, captions worded by the data generator
 with the shapes, sizes, speeds and backgrounds it draws), at the nano defaults (64x64, 33 frames, 20 UniPC
@@ -52,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="also write every clip as an mp4 here")
+    parser.add_argument("--dit", type=Path, default=None, help="score this nano DiT file instead of the shipped one")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,7 +60,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    pipe = NanoPipeline.load()
+    pipe = NanoPipeline.load(args.dit)
     load_s = time.perf_counter() - started
     timings: dict[str, list[float]] = {"encode prompt": [], "sample (20 steps, CFG)": [], "VAE decode": []}
 

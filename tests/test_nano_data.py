@@ -52,6 +52,21 @@ def test_object_stays_inside_the_frame_for_the_whole_clip(direction):
             assert scene.radius <= x <= 64 - scene.radius and scene.radius <= y <= 64 - scene.radius
 
 
+@pytest.mark.parametrize("direction", sorted(vocab.DIRECTIONS))
+def test_object_crosses_near_the_middle_line_in_the_named_direction(direction):
+    ux, uy = vocab.DIRECTIONS[direction]
+    lane = data.LANE_FRACTION * 64
+    across = []
+    for seed in range(40):
+        scene = data.make_clip(seed, direction=direction).scene
+        (x0, y0), (x1, y1) = scene.centre(0), scene.centre(32)
+        along0, along1, off, drift = (x0, x1, y0, y1 - y0) if ux else (y0, y1, x0, x1 - x0)
+        assert abs(off - 32) <= lane and drift == 0
+        assert (along1 - along0) * (ux + uy) > 0
+        across.append(off)
+    assert max(across) - min(across) > lane  # the lane is a band, not a line
+
+
 def test_caption_names_colour_shape_and_direction_of_the_scene():
     for seed in range(40):
         clip = data.make_clip(seed)

@@ -131,11 +131,11 @@ def toy_dataset(clips=6, channels=4):
             "object": torch.rand(clips, 9, 2, 2, generator=generator).half()}
 
 
-def test_batches_cover_text_to_video_known_leading_frames_and_framewise_noise():
+def test_batches_cover_text_to_video_first_frames_known_leading_frames_and_framewise_noise():
     dataset = toy_dataset()
     generator = torch.Generator().manual_seed(1)
     t2v = dataclasses.replace(DIT_CFG, i2v_share=0.0, extend_share=0.0, short_share=0.0, framewise_share=0.0,
-                              text_dropout=0.0)
+                              image_share=0.0, text_dropout=0.0)
     x0, sigma, context, cells = td.training_batch(dataset, t2v, generator)
     assert x0.shape == (4, 4, 9, 2, 2) and sigma.shape == (4, 9) and cells.shape == (4, 9, 2, 2)
     assert (sigma > 0).all() and (sigma == sigma[:, :1]).all()  # one noise level per clip
@@ -144,8 +144,13 @@ def test_batches_cover_text_to_video_known_leading_frames_and_framewise_noise():
     assert torch.equal(cells[0], 1 + t2v.object_gain * dataset["object"][i].float())  # the clip's own coverage
 
     i2v = dataclasses.replace(DIT_CFG, i2v_share=1.0)
-    x0, sigma, _, _ = td.training_batch(dataset, i2v, generator)
-    assert x0.shape[2] == 9 and (sigma[:, 0] == 0).all() and (sigma[:, 1:] > 0).all()
+    lengths = set()
+    for _ in range(30):
+        x0, sigma, _, _ = td.training_batch(dataset, i2v, generator)
+        assert (sigma[:, 0] == 0).all() and (sigma[:, 1:] > 0).all()
+        assert any(torch.equal(x0[0], c[:, :x0.shape[2]].float()) for c in dataset["latents"])  # from frame 0 on
+        lengths.add(x0.shape[2])
+    assert lengths == {5, 6, 7, 8, 9}
 
     extend = dataclasses.replace(DIT_CFG, i2v_share=0.0, extend_share=1.0, text_dropout=1.0)
     for _ in range(20):
@@ -166,12 +171,18 @@ def test_batches_cover_text_to_video_known_leading_frames_and_framewise_noise():
     x0, sigma, _, _ = td.training_batch(dataset, framewise, generator)
     assert x0.shape[2] == 9 and len(sigma[0].unique()) == 9 and (sigma > 0).all()
 
+    first = dataclasses.replace(DIT_CFG, i2v_share=0.0, extend_share=0.0, short_share=0.0, framewise_share=0.0,
+                                image_share=1.0)
+    x0, sigma, _, cells = td.training_batch(dataset, first, generator)
+    assert x0.shape == (4, 4, 1, 2, 2) and sigma.shape == (4, 1) and (sigma > 0).all() and cells.shape == (4, 1, 2, 2)
+    assert any(torch.equal(x0[0], c[:, :1].float()) for c in dataset["latents"])  # a clip's first latent frame
+
 
 def test_focus_batches_are_of_one_kind_at_high_noise():
     dataset, generator = toy_dataset(), torch.Generator().manual_seed(2)
     for _ in range(10):  # whatever the batch mix says
         x0, sigma, _, _ = td.training_batch(dataset, DIT_CFG, generator, focus=("i2v", 0.9))
-        assert x0.shape[2] == 9 and (sigma[:, 0] == 0).all() and (sigma[:, 1:] >= 0.9).all()
+        assert 5 <= x0.shape[2] <= 9 and (sigma[:, 0] == 0).all() and (sigma[:, 1:] >= 0.9).all()
         x0, sigma, _, _ = td.training_batch(dataset, DIT_CFG, generator, focus=("t2v", 0.85))
         assert x0.shape[2] == 9 and (sigma >= 0.85).all() and (sigma == sigma[:, :1]).all()
 

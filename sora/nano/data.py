@@ -2,8 +2,8 @@
 
 A clip is a pure function of its seed (and of the attributes a caller pins): the scene (colour, shape, size,
 background, direction, speed, start position) is drawn with `random.Random(seed)`, rendered with anti-aliased
-edges, and captioned with phrases from `vocabulary`. The object stays fully inside the frame for the whole clip
-whenever its path fits, so direction of motion is never ambiguous.
+edges, and captioned with phrases from `vocabulary`. The object crosses the frame near its middle line and stays
+fully inside the frame for the whole clip whenever its path fits, so direction of motion is never ambiguous.
 """
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ SIZE_FRACTION: dict[str, float] = {"small": 0.07, "medium": 0.10, "large": 0.13}
 # object/background pairs closer than this in RGB (0..1) are never drawn: white on light is barely visible
 MIN_CONTRAST = 0.35
 MARGIN = 1.0  # pixels kept free between the object and the frame edge
+# Across its motion the object keeps to the middle of the frame, within this fraction of the shorter side. With
+# the object anywhere across the frame, what a caption says about a clip's pixels at high noise is a faint band
+# (where "right" and "left" differ by a fifth of the variance of the clip; measured on object masks), and a model
+# sampling from text alone set the direction from the noise (text-to-video direction 0.34 against image-to-video
+# 0.84). Kept to a lane, the words fix where the object is in every frame up to its speed and start.
+LANE_FRACTION = 0.08
 
 
 @dataclass(frozen=True)
@@ -104,11 +110,11 @@ def sample_scene(rng: random.Random, frames: int, height: int, width: int, *, co
     if ux:
         x = _start_along(rng, width, radius, travel)
         x = x if ux > 0 else width - x
-        y = rng.uniform(radius + MARGIN, height - radius - MARGIN)
+        y = height / 2 + rng.uniform(-1, 1) * LANE_FRACTION * side
     else:
         y = _start_along(rng, height, radius, travel)
         y = y if uy > 0 else height - y
-        x = rng.uniform(radius + MARGIN, width - radius - MARGIN)
+        x = width / 2 + rng.uniform(-1, 1) * LANE_FRACTION * side
     return Scene(color=color, shape=shape, size=size, background=background, direction=direction, speed=speed,
                  start=(x, y), step=(ux * per_frame, uy * per_frame), radius=radius)
 
