@@ -54,8 +54,7 @@ def test_a_short_generation_follows_the_colour_of_its_prompt(pipeline):
     asked = [c for c, _, _ in CASES] * 2  # 16 clips, every colour twice
     verdicts = _generate(pipeline, asked)
     assert sum(v.color == c for v, c in zip(verdicts, asked)) >= 13  # the bar: 0.8
-    # one object, seen in every frame of nearly every clip (the shipped weights: 15 of 16; the 16th in 85%)
-    assert all(v.visible >= 0.8 for v in verdicts) and sum(v.visible == 1.0 for v in verdicts) >= 14
+    assert all(v.visible == 1.0 for v in verdicts)  # one object, seen in every frame
     # the same noise with the colour words rotated: the colours follow the words, not the noise
     rotated = asked[3:] + asked[:3]
     verdicts = _generate(pipeline, rotated)
@@ -69,8 +68,8 @@ def test_a_short_generation_follows_the_direction_of_its_prompt(pipeline):
     for turn in ({}, {"right": "down", "down": "left", "left": "up", "up": "right"}):
         asked = [turn.get(d, d) for _, _, d in CASES + CASES[::-1]]
         verdicts = _generate(pipeline, colors, asked)
-        # the shipped weights: 11 and 12 of 16; the weights before the lane run: 7 and 6; chance: 4
-        assert sum(v.direction == d for v, d in zip(verdicts, asked)) >= 10
+        # the shipped weights: 14 and 14 of 16; the weights before the lane run: 7 and 6; chance: 4
+        assert sum(v.direction == d for v, d in zip(verdicts, asked)) >= 12
 
 
 def test_an_image_to_video_generation_follows_the_direction_of_its_prompt(pipeline):

@@ -394,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="share of image-to-video batches")
     parser.add_argument("--image-share", type=float, default=DiTTrainConfig.image_share,
                         help="share of first-frame (text-to-image) batches")
+    parser.add_argument("--short-share", type=float, default=DiTTrainConfig.short_share,
+                        help="share of text-to-video batches on a clip's first 5-8 latent frames")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (more than the free cores slows it down)")
     args = parser.parse_args(argv)
@@ -405,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(kind not in ("i2v", "t2v") for _, _, kind, _ in focus):
         parser.error("--focus KIND must be i2v or t2v")
     cfg = DiTTrainConfig(steps=args.steps, lr=args.lr, focus=focus, i2v_share=args.i2v_share,
-                         image_share=args.image_share)
+                         image_share=args.image_share, short_share=args.short_share)
     train(cfg, args.vae, args.run, args.eval_vae, args.init)
 
 
