@@ -73,9 +73,11 @@ class DiTTrainConfig:
     # from that frame and which way it goes from the caption alone. Measured: with few of them the model had
     # learned colour perfectly after 3200 steps while its direction of motion was set by the noise seed, whatever
     # the caption said; these batches make the direction words the only way to lower the loss.
-    i2v_share: float = 0.45
+    i2v_share: float = 0.35
     extend_share: float = 0.15  # batches with known leading frames anywhere in the clip (extension)
-    short_share: float = 0.05  # text-to-video batches on a clip's first 5-8 latent frames (shorter videos)
+    # Text-to-video batches on a clip's first 5-8 latent frames (shorter videos). Extensions start from 17-frame
+    # clips the model makes itself; with 5% of these, those clips covered the whole path and left no room to go on.
+    short_share: float = 0.2
     framewise_share: float = 0.1  # batches with a noise level per frame
     # First-frame batches: latent frame 0 alone (text-to-image). The shipped run used 10-25% of them to try text-to-
     # video in two stages (first frame, then image-to-video); sampling all frames at once did better on the same
