@@ -377,6 +377,8 @@ def test_memory_options_stream_blocks_without_changing_the_result():
     assert manager.state(model.dit).blocks_resident == 0  # every block streamed during the run
     assert manager.options.budget_bytes is None  # the budget applied to that run only
     assert torch.equal(automatic, with_options)
+    sample(model, empty(model))  # the same cached model through a handle without options: automatic again
+    assert manager.state(model.dit).blocks_resident == model.config.num_layers
     with pytest.raises(InputError, match=r"^Sora Memory Options: input 'blocks_resident' = 3 is more than the 2 "
                                          r"blocks of wan2.1_t2v_1.3B_bf16.safetensors"):
         SoraMemoryOptions().apply(model, 0.0, 3)
