@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..video_io import read_video
 from . import vocabulary as vocab
 
 OBJECT_DISTANCE = 0.2  # RGB distance (0..1) from the background above which a pixel belongs to the object
@@ -131,23 +132,10 @@ def judge_video(video: torch.Tensor) -> Verdict:
     return _judge_rgb(rgb, background_color(rgb))[0]
 
 
-def read_video(path: str | Path) -> torch.Tensor:
-    """Decode a video file with PyAV into [3, F, H, W] float32 in -1..1."""
-    import av  # only the file path needs it
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no video file at {path}; pass the path of an mp4 the pipeline wrote")
-    with av.open(str(path)) as container:
-        frames = [torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
-    if not frames:
-        raise InputError(f"{path} holds no video frames")
-    return torch.stack(frames).permute(3, 0, 1, 2).float() / 127.5 - 1  # [F, H, W, 3] -> [3, F, H, W]
-
-
 def judge_file(path: str | Path) -> Verdict:
     """Judge a video file (mp4 or anything PyAV decodes)."""
-    return judge_video(read_video(path))
+    frames = read_video(path).frames  # [F, H, W, 3] in 0..1
+    return judge_video(frames.permute(3, 0, 1, 2) * 2 - 1)
 
 
 def continuity(video: torch.Tensor, join: int) -> Continuity:
