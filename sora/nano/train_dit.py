@@ -64,7 +64,7 @@ class DiTTrainConfig:
     frames: int = 33
     size: int = 64
     batch: int = 32
-    steps: int = 3000
+    steps: int = 10_000  # the shipped run: 80 minutes on 2 CPU cores
     lr: float = 5e-4
     warmup: int = 100
     ema: float = 0.998
@@ -78,11 +78,11 @@ class DiTTrainConfig:
     extend_share: float = 0.15  # batches with known leading frames anywhere in the clip (extension)
     # Text-to-video batches on a clip's first 5-8 latent frames (shorter videos). Extensions start from 17-frame
     # clips the model makes itself. Measured on 32 prompts at 17 frames: with 5-20% of these, those clips went the
-    # asked way in 0.75 of runs and an extension carried the motion on in 0.66; after 3,000 steps at 35%, 0.94 and
-    # 0.94, with text-to-video at 33 frames as good as before.
+    # asked way in 0.75 of runs and an extension carried the motion on in 0.66; fine-tuned 3,000 steps at 35%, 0.94
+    # and 0.94 (33-frame clips as good as before). The shipped run, 35% from scratch: extensions 0.91.
     short_share: float = 0.35
     framewise_share: float = 0.1  # batches with a noise level per frame
-    # First-frame batches: latent frame 0 alone (text-to-image). The shipped run used 10-25% of them to try text-to-
+    # First-frame batches: latent frame 0 alone (text-to-image). An earlier run used 10-25% of them to try text-to-
     # video in two stages (first frame, then image-to-video); sampling all frames at once did better on the same
     # weights (direction 0.91 against 0.84, extensions 0.58 against 0.33), so they are off by default.
     image_share: float = 0.0
@@ -126,7 +126,7 @@ def caption_variants(clip: data.Clip, seed: int, count: int) -> list[str]:
     The direction-only caption is what lets the model learn to read direction words. Measured on image-to-video
     batches (first frame known, the rest at σ >= 0.9): with full captions only, the loss with the direction word
     swapped stayed equal to the loss with the right one for 500 steps (the model ignored it, as it had for the
-    first 4,800 steps of the shipped run); with a third of the captions reduced to the direction phrase, swapping
+    first 4,800 steps of an earlier run); with a third of the captions reduced to the direction phrase, swapping
     it cost 0.09 (a third of the loss) by step 700, measured on full captions. In a full caption the direction
     word is one token among ten, and its state differs little from its opposite's (MiniLM cosine 0.78 for
     left/right).
