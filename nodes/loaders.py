@@ -3,7 +3,7 @@
 Files come from ComfyUI's model folders (`diffusion_models`, `text_encoders`, `vae`) inside ComfyUI and from
 `--models-dir DIR/<folder>/` headless (both through `sora.runtime`); the optional `path` input takes any file
 instead. The embedded models ("nano (embedded)", "minilm (embedded)") need no file and are the defaults. Loaded
-models are kept by the memory manager's cache: the same file with the same options gives the same object on the
+models are kept by the model cache (`sora.model_cache`): the same file with the same options gives the same object on the
 next run, so repeated runs neither reload nor grow memory.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._common import about, category, mappings
-from ._handles import DIT, EXPERTS, HIGH_NOISE, LOW_NOISE, SINGLE, TEXT_ENCODER, VAE, DiffusionModel, expert_from_name
+from ._handles import DIT, TEXT_ENCODER, VAE, expert_from_name
 from ._sora import sora
 
 NANO = "nano (embedded)"
@@ -85,7 +85,7 @@ class SoraModelLoader:
                     "default": "sdpa",
                     "tooltip": "Attention kernel. sdpa works everywhere; flash_attn and sageattn need their "
                                "package and a CUDA GPU."}),
-                "expert": ([AUTO_EXPERT, *EXPERTS], {
+                "expert": ([AUTO_EXPERT, *sora.handle.EXPERTS], {
                     "default": AUTO_EXPERT,
                     "tooltip": "Wan 2.2 A14B ships two experts with identical tensors: 'high noise' runs the early "
                                "steps, 'low noise' the late ones. auto reads it from the file name (high_noise / "
@@ -97,15 +97,17 @@ class SoraModelLoader:
     def load(self, model_name, weight_dtype, compute_dtype, attention, expert, path=""):
         file = _source(type(self), "diffusion_models", "model_name", model_name, path, NANO, sora.nano.dit_path)
         with about(type(self), _chosen("model_name", path)):
-            dit = sora.memory.get_manager().load(sora.dit.load_dit, file, weight_dtype=_dtype(weight_dtype),
-                                                 compute_dtype=_compute_dtype(compute_dtype), attention=attention)
+            dit = sora.model_cache.load(sora.dit.load_dit, file, weight_dtype=_dtype(weight_dtype),
+                                        compute_dtype=_compute_dtype(compute_dtype), attention=attention)
+        handle = sora.handle
         role = expert_from_name(str(file)) if expert == AUTO_EXPERT else expert
-        if role != SINGLE and dit.config.model_type not in ("t2v", "i2v"):
+        if role != handle.SINGLE and dit.config.model_type not in ("t2v", "i2v"):
             raise sora.errors.InputError(
                 f"{self.DISPLAY_NAME}: input 'expert' = {role!r}, but {file.name} is a {dit.config.model_type} "
-                f"model, which is one model, not a {HIGH_NOISE} / {LOW_NOISE} expert; choose '{SINGLE}'")
+                f"model, which is one model, not a {handle.HIGH_NOISE} / {handle.LOW_NOISE} expert; choose "
+                f"'{handle.SINGLE}'")
         name = NANO if model_name == NANO and not path.strip() else file.name
-        return (DiffusionModel(dit, name, role),)
+        return (handle.ModelHandle(dit, name, role),)
 
 
 class SoraTextEncoderLoader:
@@ -140,16 +142,15 @@ class SoraTextEncoderLoader:
     def load(self, text_encoder_name, weight_dtype, compute_dtype, path=""):
         file = _source(type(self), "text_encoders", "text_encoder_name", text_encoder_name, path, MINILM,
                        sora.text.minilm_folder)
-        manager = sora.memory.get_manager()
         with about(type(self), _chosen("text_encoder_name", path)):
             if text_encoder_name == MINILM and not path.strip():
-                return (manager.load(_load_minilm, file),)
-            return (manager.load(sora.text.load_text_encoder, file, dtype=_compute_dtype(compute_dtype),
-                                 weight_dtype=_dtype(weight_dtype)),)
+                return (sora.model_cache.load(_load_minilm, file),)
+            return (sora.model_cache.load(sora.text.load_text_encoder, file, dtype=_compute_dtype(compute_dtype),
+                                          weight_dtype=_dtype(weight_dtype)),)
 
 
 def _load_minilm(folder: Path):
-    """`sora.text.load_minilm` in the form the memory manager's cache calls (the folder identifies the weights)."""
+    """`sora.text.load_minilm` in the form the model cache calls (the folder identifies the weights)."""
     return sora.text.load_minilm()
 
 
@@ -180,13 +181,12 @@ class SoraVAELoader:
 
     def load(self, vae_name, dtype, path=""):
         file = _source(type(self), "vae", "vae_name", vae_name, path, NANO, sora.nano.vae_path)
-        manager = sora.memory.get_manager()
         if dtype == "auto":
-            torch_dtype = _dtype("fp32") if manager.compute_device.type == "cpu" else None
+            torch_dtype = _dtype("fp32") if sora.memory.get_manager().compute_device.type == "cpu" else None
         else:
             torch_dtype = _dtype(dtype)
         with about(type(self), _chosen("vae_name", path)):
-            return (manager.load(sora.vae.load_vae, file, dtype=torch_dtype),)
+            return (sora.model_cache.load(sora.vae.load_vae, file, dtype=torch_dtype),)
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(SoraModelLoader, SoraTextEncoderLoader, SoraVAELoader)

@@ -6,8 +6,6 @@ budget (to leave room for other programs) and how many blocks stay resident.
 """
 from __future__ import annotations
 
-import dataclasses
-
 from ._common import category, input_error, mappings
 from ._handles import DIT
 
@@ -45,7 +43,7 @@ class SoraMemoryOptions:
                               f"is more than the {layers} blocks of {model.name}; use 0..{layers} or -1 (automatic)")
         budget = round(budget_gb * GiB) if budget_gb > 0 else None
         resident = blocks_resident if blocks_resident >= 0 else None
-        return (dataclasses.replace(model, blocks_resident=resident, budget_bytes=budget),)
+        return (model.with_memory(blocks_resident=resident, budget_bytes=budget),)
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(SoraMemoryOptions)

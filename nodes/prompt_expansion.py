@@ -87,8 +87,8 @@ class SoraPromptExpansion:
                     raise input_error(type(self), "model", name, f"is not in {' or '.join(MODEL_FOLDERS)}; "
                                                                  f"{sora.prompt_expansion.WHERE_TO_PUT_MODELS}")
                 path = models[name]
-            return sora.memory.get_manager().load(sora.prompt_expansion.ChatModel, path,
-                                                  device=sora.memory.get_manager().compute_device)
+            return sora.model_cache.load(sora.prompt_expansion.ChatModel, path,
+                                         device=sora.memory.get_manager().compute_device)
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(SoraPromptExpansion)

@@ -11,8 +11,6 @@ headless) stops the run between two steps.
 """
 from __future__ import annotations
 
-import contextlib
-
 from ._common import (
     Described,
     about,
@@ -22,7 +20,8 @@ from ._common import (
     latent_samples,
     mappings,
 )
-from ._handles import DIT, HIGH_NOISE, LOW_NOISE
+from ._comfy_sampler import core_sampler
+from ._handles import DIT
 from ._sora import sora
 
 MAX_SEED = 2**64 - 1
@@ -118,8 +117,11 @@ class SoraSampler:
                    "image from `positive`. Optionally hands the low-noise steps to a second expert (Wan 2.2 A14B).")
     CATEGORY = category("sampling")
     FUNCTION = "sample"
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
+    RETURN_TYPES = ("LATENT", "LATENT")
+    RETURN_NAMES = ("latent", "denoised")
+    OUTPUT_TOOLTIPS = ("The latent at the last sigma: the video, or with sigmas that stop above 0 the partial "
+                       "result another Sora Sampler continues (add_noise off).",
+                       "The last step's prediction of the clean video (what a partial run would become).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -157,11 +159,17 @@ class SoraSampler:
                                                  "round": 0.01,
                                                  "tooltip": "Guidance of the low-noise expert (Wan 2.2 T2V: 3.0); "
                                                             "0 = the same as `guidance`."}),
+                "add_noise": ("BOOLEAN", {"default": True,
+                                          "tooltip": "Add the seed's noise at the first sigma. Turn it off when the "
+                                                     "latent is the output of another sampler that stopped early "
+                                                     "(split sigmas): this one then continues it."}),
+                "sampler": ("SAMPLER", {"tooltip": "Inside ComfyUI: a core sampler (KSamplerSelect: lcm, euler, "
+                                                   "res_multistep, er_sde, ...) to use instead of sampler_name."}),
             },
         }
 
     def sample(self, model, positive, negative, latent, sigmas, seed, guidance, sampler_name, denoise,
-               model_low_noise=None, boundary=0.875, guidance_low_noise=0.0):
+               model_low_noise=None, boundary=0.875, guidance_low_noise=0.0, add_noise=True, sampler=None):
         node = type(self)
         samples = latent_samples(node, "latent", latent)
         channels = model.latent_format.channels
@@ -169,34 +177,34 @@ class SoraSampler:
             raise input_error(node, "latent", Described(f"LATENT {list(samples.shape)}"),
                               f"has {samples.shape[1]} channels but {model.name} works on {channels}; make the "
                               "latent with this model's empty latent node or its VAE")
-        contexts = {}
-        for name, cond in (("positive", positive), ("negative", negative)):
-            with about(node, name):
-                contexts[name], _ = sora.text.from_conditioning(cond)
-            if contexts[name].shape[-1] != model.config.text_dim:
-                raise input_error(node, name, Described(f"CONDITIONING of width {contexts[name].shape[-1]}"),
-                                  f"does not fit {model.name}, which reads {model.config.text_dim}-wide text "
-                                  "states; encode the prompt with the text encoder that belongs to the model")
+        prompts = {name: self._prompts(model, name, cond) for name, cond in (("positive", positive),
+                                                                             ("negative", negative))}
         image = self._image_channels(model, positive, samples)
         if model_low_noise is not None:
             self._check_experts(model, model_low_noise)
         with about(node, "sigmas"):
             steps = len(sora.schedules.split_denoise(sora.schedules.check_sigmas(sigmas), denoise)) - 1
-        manager = sora.memory.get_manager()
-        for handle in (model, model_low_noise):
-            if handle is not None:
-                manager.set_blocks_resident(handle.dit, handle.blocks_resident)
-        with _budget(manager, model.budget_bytes), sora.runtime.progress(max(steps, 0), "sampling") as bar, \
-                about(node, "latent"):
-            out = sora.samplers.sample(
-                model.dit, samples, sigmas, contexts["positive"], contexts["negative"], guidance=guidance,
-                sampler=sampler_name, seed=seed, noise_mask=latent.get("noise_mask"),
-                low_noise_model=None if model_low_noise is None else model_low_noise.dit,
+        solver = sampler_name if sampler is None else core_sampler(sampler, seed)
+        with sora.runtime.progress(max(steps, 0), "sampling") as bar, about(node, "latent"):
+            run = sora.samplers.run_sampling(
+                model, samples, sigmas, prompts["positive"], prompts["negative"], guidance=guidance, sampler=solver,
+                seed=seed, noise_mask=latent.get("noise_mask"), low_noise_model=model_low_noise,
                 boundary_t=boundary * 1000.0, low_noise_guidance=guidance_low_noise or None, denoise=denoise,
-                extra_channels=image,
-                callback=_progress_callback(bar, model.latent_format), interrupt=sora.runtime.check_interrupt,
-                device=manager.compute_device)
-        return ({**latent, "samples": out},)
+                add_noise=add_noise, extra_channels=image, callback=_progress_callback(bar, model.latent_format),
+                interrupt=sora.runtime.check_interrupt, device=sora.memory.get_manager().compute_device)
+        return ({**latent, "samples": run.latent}, {**latent, "samples": run.denoised})
+
+    def _prompts(self, model, name: str, cond):
+        """The prompts of one CONDITIONING input (one per entry), checked against the model's text width."""
+        node = type(self)
+        with about(node, name):
+            entries = sora.text.from_conditioning(cond)
+        width = entries[0].context.shape[-1]
+        if width != model.config.text_dim:
+            raise input_error(node, name, Described(f"CONDITIONING of width {width}"),
+                              f"does not fit {model.name}, which reads {model.config.text_dim}-wide text "
+                              "states; encode the prompt with the text encoder that belongs to the model")
+        return entries
 
     def _image_channels(self, model, positive, samples):
         """The extra input channels of a Wan image-to-video model (in_dim = latent channels + 20), built from the
@@ -229,27 +237,13 @@ class SoraSampler:
         return channels
 
     def _check_experts(self, high, low):
-        if high.expert == LOW_NOISE or low.expert == HIGH_NOISE:
+        if high.expert == sora.handle.LOW_NOISE or low.expert == sora.handle.HIGH_NOISE:
             raise input_error(type(self), "model_low_noise", low.name,
                               f"is the {low.expert} expert while 'model' is the {high.expert} one; connect the "
                               "high-noise expert to 'model' and the low-noise expert to 'model_low_noise'")
         if high.config.latent_format != low.config.latent_format or high.config.in_dim != low.config.in_dim:
             raise input_error(type(self), "model_low_noise", low.name,
                               f"does not pair with {high.name}; the two experts must come from one release")
-
-
-@contextlib.contextmanager
-def _budget(manager, budget_bytes: int | None):
-    """The memory budget of Sora Memory Options for the duration of one sampling run (None: leave it as it is)."""
-    if budget_bytes is None:
-        yield
-        return
-    previous = manager.options.budget_bytes
-    manager.configure(budget_bytes=budget_bytes)
-    try:
-        yield
-    finally:
-        manager.configure(budget_bytes=previous)
 
 
 def _progress_callback(bar, fmt):

@@ -42,7 +42,7 @@ class SoraTextEncode:
             negative = sora.text.negative_prompt(negative_preset)
         negative = ", ".join(part for part in (negative, negative_prompt.strip()) if part)
         with about(type(self), "text_encoder"):
-            embeds, lengths = sora.memory.encode_text(text_encoder, [prompt, negative])
+            embeds, lengths = sora.text.encode_prompts(text_encoder, [prompt, negative])
             positive_cond, negative_cond = sora.text.to_conditioning(embeds, lengths, text_encoder)
         return ([positive_cond], [negative_cond])
 

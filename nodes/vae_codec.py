@@ -50,7 +50,7 @@ def _run(node: type, vae, data, tiling: str, tile_size: int, tile_overlap: int, 
     progress = _ChunkProgress(what)
     try:
         if tiling == AUTO:
-            run = sora.memory.encode_video if encode else sora.memory.decode_video
+            run = sora.vae.encode_video if encode else sora.vae.decode_video
             return run(vae, data, manager=manager, callback=progress)
         layout = None
         if tiling == MANUAL:

@@ -22,7 +22,6 @@ from .errors import CheckpointError
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -147,11 +146,6 @@ def strip_prefix(state_dict: StateDict, prefixes: tuple[str, ...], anchor: str) 
             n = len(prefix)
             return {k[n:]: v for k, v in state_dict.items() if k.startswith(prefix)}
     return state_dict
-
-
-def is_scaled_fp8(state_dict: StateDict) -> bool:
-    """ComfyUI's "scaled fp8" files carry a `scaled_fp8` marker tensor and per-layer `scale_weight` scalars."""
-    return any(k == "scaled_fp8" or k.endswith(".scaled_fp8") for k in state_dict)
 
 
 def load_into(module: nn.Module, state_dict: StateDict, *, what: str, source: str | Path = "checkpoint",

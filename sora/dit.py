@@ -121,7 +121,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps).to(x.dtype)
+        return F.rms_norm(x.float(), x.shape[-1:], ops.patched(self, "weight"), self.eps).to(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -134,7 +134,8 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+        return F.layer_norm(x.float(), x.shape[-1:], ops.patched(self, "weight"), ops.patched(self, "bias"),
+                            self.eps)
 
 
 class Attention(nn.Module):
@@ -194,7 +195,7 @@ class WanBlock(nn.Module):
         [B, 1 or L] which of them each sample or token has; rotations [B or 1, L, head_dim/2]; token_counts
         [B, L] 1 for real tokens, 0 for padding (None: no padding).
         """
-        mod = self.modulation.float() + e0  # [U, 6, dim]: shift, scale, gate (attention), shift, scale, gate (FFN)
+        mod = ops.patched(self, "modulation") + e0  # [U, 6, dim]: shift, scale, gate (attention), shift, scale, gate (FFN)
         shift, scale, gate = (mod[:, i][t_index] for i in range(3))  # each [B, 1 or L, dim]
         h = torch.addcmul(shift, _layer_norm(x, self.eps), 1 + scale)
         x = torch.addcmul(x, self.self_attn(h, h, rotations, token_counts).float(), gate)
@@ -217,9 +218,42 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, t_index: torch.Tensor) -> torch.Tensor:
         """x [B, L, dim], e [U, dim] -> [B, L, prod(patch_size)·out_dim] float32."""
-        mod = self.modulation.float() + e[:, None]  # [U, 2, dim]
+        mod = ops.patched(self, "modulation") + e[:, None]  # [U, 2, dim]
         shift, scale = mod[:, 0][t_index], mod[:, 1][t_index]
         return self.head(torch.addcmul(shift, _layer_norm(x, self.eps), 1 + scale)).float()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Working memory
+# ------------------------------------------------------------------------------------------------------------------
+
+def dit_activation_bytes(config: DiTConfig, *, batch: int, tokens: int, compute_dtype: torch.dtype,
+                         per_token_timesteps: bool) -> int:
+    """Peak bytes of the tensors one WanDiT forward keeps alive besides its weights (see `sora.ops.weight_workspace_bytes`).
+
+    Derivation, following `WanBlock.forward` in inference (no autograd graph). Per token of the batch, with
+    D = dim, F = ffn_dim, c = bytes per element of the compute dtype and float32 residuals (4 bytes):
+      self-attention: the block input x, the modulated norm h (4D each); q, k, v in c (3cD); while RoPE rotates k,
+        its float32 copy and the complex product (8D)                                              -> (16 + 3c)·D
+        (during attention itself: x, h, q, k, v and the output: (8 + 5c)·D, never more for c <= 4)
+      feed-forward: the block input held by the caller, the new residual x, h (12D), the hidden layer and its GELU
+        (2cF)                                                                                      -> 12D + 2cF
+        projecting back: 12D, the GELU output (cF), the projection (cD), its float32 copy and the new x (8D)
+                                                                                                   -> 20D + cF + cD
+      per-token timesteps (timestep [B, L]): shift, scale and gate become [B, L, D] float32        -> + 12D
+      the RoPE table (complex64, head_dim/2 per token) and the caller's float32 latent             -> + 4·head_dim
+                                                                                                      + 4·in_dim·patch
+    Per sample: the embedded text context and the cross-attention keys and values, text_len·D·(4 + 4c) at most.
+    Not included: the attention kernel's own workspace (flash / memory-efficient kernels need O(tokens); the math
+    fallback would need batch·heads·tokens² more). `tests/test_memory_streaming.py` checks the estimate against
+    the tensors actually alive during a forward.
+    """
+    D, F, c = config.dim, config.ffn_dim, torch.empty(0, dtype=compute_dtype).element_size()
+    per_token = max((16 + 3 * c) * D, 12 * D + 2 * c * F, 20 * D + c * F + c * D)
+    per_token += 12 * D if per_token_timesteps else 0
+    per_token += 4 * config.head_dim + 4 * config.in_dim * math.prod(config.patch_size)
+    per_sample = config.text_len * D * (4 + 4 * c)
+    return batch * (tokens * per_token + per_sample)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -232,7 +266,8 @@ class WanDiT(nn.Module):
     `forward(x, timestep, context)` returns the velocity. Build with a `DiTConfig`, or load a file with `load_dit`.
     """
 
-    # Read by memory management: these stay float32 whatever the compute dtype; blocks repeat and stream.
+    # These stay float32 whatever the compute dtype (`set_compute`); the blocks repeat, so the memory manager can
+    # stream them.
     _keep_in_fp32_modules = ("time_embedding", "time_projection", "head")
     _repeated_blocks = ("WanBlock",)
 
@@ -285,6 +320,18 @@ class WanDiT(nn.Module):
                 if isinstance(m, Attention):
                     m.backend = attention
             self.attention_backend = attention
+
+    def activation_bytes(self, args: tuple, kwargs: dict) -> int:
+        """Working memory of the call `self(*args, **kwargs)` besides the resident weights: the tensors of
+        `dit_activation_bytes` plus the largest per-call weight upcast. The memory manager plans each call with it."""
+        x = args[0] if args else kwargs["x"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        samples = list(x) if isinstance(x, (list, tuple)) else list(x.unbind(0)) if x.ndim == 5 else [x]
+        patch = math.prod(self.config.patch_size)
+        tokens = max(s[0].numel() // patch for s in samples)  # per sample: T·H·W / patch
+        per_token = torch.as_tensor(timestep).ndim == 2
+        return (dit_activation_bytes(self.config, batch=len(samples), tokens=tokens, compute_dtype=self.compute_dtype,
+                                     per_token_timesteps=per_token) + ops.weight_workspace_bytes(self))
 
     def forward(self, x: torch.Tensor | list[torch.Tensor], timestep: torch.Tensor,
                 context: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -348,8 +395,8 @@ class WanDiT(nn.Module):
         patches = x.reshape(B, C, grid[0], pt, grid[1], ph, grid[2], pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
         patches = patches.reshape(B, math.prod(grid), C * pt * ph * pw)
         dtype = self.compute_dtype
-        weight = self.patch_embedding.weight.to(dtype).flatten(1)  # [dim, C·pt·ph·pw]
-        tokens = F.linear(patches.to(dtype), weight, self.patch_embedding.bias.to(dtype))
+        weight = ops.patched(self.patch_embedding, "weight", dtype).flatten(1)  # [dim, C·pt·ph·pw]
+        tokens = F.linear(patches.to(dtype), weight, ops.patched(self.patch_embedding, "bias", dtype))
         return tokens.float(), grid
 
     def _embed_list(self, samples: list[torch.Tensor]):

@@ -1,23 +1,32 @@
-"""Classifier-free guidance and the Wan 2.2 A14B two-expert hand-off.
+"""The guider: the velocity the solver gets at one step, from the expert of that step and its guidance passes.
 
-CFG: `v = v_uncond + g·(v_cond − v_uncond)` (ARCH_FACTS §4.1). By default the conditional and unconditional
-passes run as one forward on a doubled batch; `batched=False` runs them one after the other, which halves the
-activation memory and gives the same result. Positive and negative contexts of different lengths are zero-padded
-to the longer one: the Wan DiT zero-pads every context to `text_len` and uses no key mask, so the padding does
-not change its output.
+Classifier-free guidance: `v = v_uncond + g·(v_cond − v_uncond)` (ARCH_FACTS §4.1). A side may hold several
+prompts (ComfyUI's ConditioningCombine gives a CONDITIONING of several entries): each runs as its own pass and the
+side's velocity is their weighted mean, `Σ wᵢ·vᵢ / Σ wᵢ`, as ComfyUI combines the entries of one CONDITIONING. By
+default all passes run as one forward on a stacked batch; `batched=False` runs them one after the other, which
+needs a fraction of the activation memory and gives the same result. Contexts of different lengths are
+zero-padded to the longest: the Wan DiT zero-pads every context to `text_len` and uses no key mask, so the padding
+does not change its output.
 
 Two experts (ARCH_FACTS §4.9): the high-noise expert runs while `σ·1000 ≥ boundary_t` (875 for T2V, 900 for I2V),
 the low-noise expert below; both continue the same solver state.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .errors import InputError
+from .handle import ModelCall, ModelHandle, as_handle
 
-Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+@dataclass(frozen=True)
+class Prompt:
+    """One conditioning entry: text states [B or 1, L, D] and the entry's weight in its side's mean."""
+    context: torch.Tensor
+    weight: float = 1.0
 
 
 def pad_context(context: torch.Tensor, length: int) -> torch.Tensor:
@@ -28,14 +37,27 @@ def pad_context(context: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([context, context.new_zeros(B, length - L, D)], dim=1)
 
 
-def _check_context(name: str, context: torch.Tensor, batch: int) -> torch.Tensor:
-    if not isinstance(context, torch.Tensor) or context.ndim != 3:
-        shape = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
-        raise InputError(f"{name} context must be a tensor [B, L, D] (text embeddings), got {shape}")
-    if context.shape[0] not in (1, batch):
-        raise InputError(f"{name} context has batch {context.shape[0]} but the latent has batch {batch}; "
-                         "give one context per latent or a single one for all")
-    return context.expand(batch, -1, -1)
+def prompts(side: str, given, batch: int) -> list[Prompt]:
+    """The prompts of one side: a context tensor [B or 1, L, D] is one prompt of weight 1; a sequence of
+    `Prompt`s is taken as it is. Each context is checked and broadcast to the latent's batch."""
+    entries = [Prompt(given)] if isinstance(given, torch.Tensor) else list(given)
+    if not entries:
+        raise InputError(f"the {side} conditioning is empty; connect a text encode output")
+    checked = []
+    for i, entry in enumerate(entries):
+        name = side if len(entries) == 1 else f"{side} entry {i}"
+        context = entry.context if isinstance(entry, Prompt) else entry
+        if not isinstance(context, torch.Tensor) or context.ndim != 3:
+            shape = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+            raise InputError(f"{name} context must be a tensor [B, L, D] (text embeddings), got {shape}")
+        if context.shape[0] not in (1, batch):
+            raise InputError(f"{name} context has batch {context.shape[0]} but the latent has batch {batch}; "
+                             "give one context per latent or a single one for all")
+        weight = entry.weight if isinstance(entry, Prompt) else 1.0
+        if weight <= 0:
+            raise InputError(f"{name} has weight {weight}; conditioning weights must be positive")
+        checked.append(Prompt(context.float().expand(batch, -1, -1), float(weight)))
+    return checked
 
 
 def guidance_scales(guidance: float | Sequence[float] | torch.Tensor, steps: int) -> list[float]:
@@ -49,51 +71,84 @@ def guidance_scales(guidance: float | Sequence[float] | torch.Tensor, steps: int
 
 
 class ClassifierFreeGuidance:
-    """Guided velocity for one sampling run; the contexts are checked, broadcast and padded once.
+    """Guided velocity for one sampling run; the prompts are checked, broadcast and padded once.
 
-    positive, negative: [B or 1, L, D] text embeddings (negative None: no guidance, every scale must be 1).
-    batched: one forward on [cond; uncond] (default) or two forwards (less memory, same result).
+    positive, negative: a context [B or 1, L, D] or a list of `Prompt`s each (negative None: no guidance, every
+        scale must be 1). batched: all passes in one forward (default) or one forward per pass.
     """
 
-    def __init__(self, positive: torch.Tensor, negative: torch.Tensor | None, batch: int, batched: bool = True):
-        positive = _check_context("positive", positive, batch)
+    def __init__(self, positive, negative, batch: int, batched: bool = True):
         self.batched = batched
-        self.positive = positive
-        self.negative = None
-        self.both = None  # [2B, L, D]: positive then negative, for the batched forward
-        if negative is not None:
-            negative = _check_context("negative", negative, batch)
-            if negative.shape[2] != positive.shape[2]:
-                raise InputError(f"positive and negative contexts differ in width ({positive.shape[2]} vs "
-                                 f"{negative.shape[2]}); encode both prompts with the same text encoder")
-            length = max(positive.shape[1], negative.shape[1])
-            self.positive = pad_context(positive, length)
-            self.negative = pad_context(negative, length)
-            if batched:
-                self.both = torch.cat([self.positive, self.negative])
+        self.batch = batch
+        self.positive = prompts("positive", positive, batch)
+        self.negative = None if negative is None else prompts("negative", negative, batch)
+        widths = {p.context.shape[2] for p in self.positive + (self.negative or [])}
+        if len(widths) > 1:
+            raise InputError(f"the positive and negative contexts differ in width ({sorted(widths)}); encode all "
+                             "prompts with the same text encoder")
+        length = max(p.context.shape[1] for p in self.positive + (self.negative or []))
+        pad = [Prompt(pad_context(p.context, length), p.weight) for p in self.positive + (self.negative or [])]
+        self.positive, self.negative = pad[:len(self.positive)], (pad[len(self.positive):] or None)
+        self.last: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (v_cond, v_uncond) of the last call
 
     def to(self, device: torch.device) -> ClassifierFreeGuidance:
-        self.positive = self.positive.to(device)
-        if self.negative is not None:
-            self.negative = self.negative.to(device)
-        if self.both is not None:
-            self.both = self.both.to(device)
+        move = [Prompt(p.context.to(device), p.weight) for p in self.positive + (self.negative or [])]
+        self.positive, self.negative = move[:len(self.positive)], (move[len(self.positive):] or None)
         return self
 
-    def velocity(self, model: Model, x: torch.Tensor, timestep: torch.Tensor, scale: float) -> torch.Tensor:
-        """The guided velocity at `x` [B, C, T, H, W] for `timestep` [B] or [B, T]; float32."""
-        if scale == 1.0:
-            return model(x, timestep, self.positive).float()
-        if self.negative is None:
-            raise InputError(f"guidance {scale} needs a negative conditioning; connect one (an empty prompt "
-                             "works) or set guidance to 1.0")
-        if self.batched:
-            v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([timestep, timestep]), self.both).float().chunk(2)
+    def passes(self, scale: float) -> list[tuple[str, Prompt]]:
+        """The (side, prompt) passes a step with guidance `scale` runs."""
+        sides = [("cond", p) for p in self.positive]
+        if scale != 1.0:
+            if self.negative is None:
+                raise InputError(f"guidance {scale} needs a negative conditioning; connect one (an empty prompt "
+                                 "works) or set guidance to 1.0")
+            sides += [("uncond", p) for p in self.negative]
+        return sides
+
+    def velocity(self, model: ModelHandle, x: torch.Tensor, timestep: torch.Tensor, scale: float,
+                 call: ModelCall | None = None) -> torch.Tensor:
+        """The guided velocity at `x` [B, C, T, H, W] for `timestep` [B] or [B, T]; float32. `model` is a
+        `ModelHandle` or a plain model (wrapped in a handle without patches)."""
+        model = as_handle(model)
+        passes = self.passes(scale)
+        names = tuple(side for side, _ in passes)
+        if self.batched and len(passes) > 1:
+            n = len(passes)
+            context = torch.cat([p.context for _, p in passes])
+            step = call if call is None else ModelCall(call.step, call.steps, call.sigma, names)
+            outputs = model(torch.cat([x] * n), torch.cat([timestep] * n), context, step).float().chunk(n)
         else:
-            v_cond = model(x, timestep, self.positive).float()
-            v_uncond = model(x, timestep, self.negative).float()
+            outputs = [model(x, timestep, p.context, call if call is None else
+                             ModelCall(call.step, call.steps, call.sigma, (side,))).float() for side, p in passes]
+        v_cond = _weighted_mean([(o, p.weight) for o, (side, p) in zip(outputs, passes) if side == "cond"])
+        if scale == 1.0:
+            self.last = (v_cond, None)
+            return v_cond
+        v_uncond = _weighted_mean([(o, p.weight) for o, (side, p) in zip(outputs, passes) if side == "uncond"])
+        self.last = (v_cond, v_uncond)
         return v_uncond + scale * (v_cond - v_uncond)
 
+
+def _weighted_mean(outputs: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    if len(outputs) == 1:
+        return outputs[0][0]  # one prompt: its velocity itself, bit for bit
+    total = sum(w for _, w in outputs)
+    return sum(o * (w / total) for o, w in outputs)
+
+
+def sequential_guidance(guidance: ClassifierFreeGuidance) -> str | None:
+    """Out-of-memory fallback (`sora.memory.MemoryManager.retry_on_oom`): run the guidance passes as separate
+    forwards (a fraction of the activations, the same result). None when they already are."""
+    if guidance.negative is None and len(guidance.positive) == 1 or not guidance.batched:
+        return None
+    guidance.batched = False
+    return "running guidance as separate forwards"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Experts
+# ---------------------------------------------------------------------------------------------------------------
 
 def is_high_noise_step(sigma: float, boundary_t: float) -> bool:
     """The reference test `t ≥ boundary_t` with t = σ·1000. The reference truncates t to an integer first; with an
@@ -105,3 +160,29 @@ def expert_step_counts(sigmas: torch.Tensor, boundary_t: float) -> tuple[int, in
     """(high-noise steps, low-noise steps) of a schedule; e.g. 40 steps, shift 12, boundary 875 → (26, 14)."""
     high = sum(is_high_noise_step(float(s), boundary_t) for s in sigmas[:-1])
     return high, len(sigmas) - 1 - high
+
+
+@dataclass
+class Guider:
+    """The velocity of one step: the step's expert (the high-noise model, or the low-noise one below
+    `boundary_t`), its guidance scale and the guidance passes; `extra_channels` [B, C_extra, T, H, W] (Wan I2V's
+    image channels) are appended to the latent's channels of every pass of both experts."""
+    model: ModelHandle
+    cfg: ClassifierFreeGuidance
+    scales: list[float]
+    low_noise_model: ModelHandle | None = None
+    low_scales: list[float] | None = None
+    boundary_t: float = 875.0
+    extra_channels: torch.Tensor | None = None
+
+    def expert(self, sigma: float) -> tuple[ModelHandle, bool]:
+        """The model of a step at `sigma`, and whether it is the high-noise one."""
+        high = self.low_noise_model is None or is_high_noise_step(sigma, self.boundary_t)
+        return (self.model if high else self.low_noise_model), high
+
+    def velocity(self, x: torch.Tensor, timestep: torch.Tensor, call: ModelCall) -> torch.Tensor:
+        model, high = self.expert(call.sigma)
+        scale = self.scales[call.step] if high else self.low_scales[call.step]
+        if self.extra_channels is not None:
+            x = torch.cat([x, self.extra_channels], dim=1)
+        return self.cfg.velocity(model, x, timestep, scale, call)

@@ -100,6 +100,17 @@ FORMATS = {f.name: f for f in (WAN21, WAN22)}
 
 
 def register(fmt: LatentFormat) -> LatentFormat:
-    """Add a format (the nano model registers its own, with statistics measured on its training data)."""
+    """Add a format (the nano trainer registers the one it measures on its training data)."""
     FORMATS[fmt.name] = fmt
     return fmt
+
+
+def format_of(name: str) -> LatentFormat:
+    """The format called `name`. "nano" is read from the shipped nano VAE the first time it is asked for."""
+    if name == "nano" and name not in FORMATS:
+        from .nano import shipped_latent_format  # imported here: the nano package reads its VAE file
+        register(shipped_latent_format())
+    if name not in FORMATS:
+        from .errors import InputError
+        raise InputError(f"unknown latent format {name!r}; known: {', '.join(FORMATS)}")
+    return FORMATS[name]

@@ -12,8 +12,13 @@ placements:
   not fit even after every idle model has left, e.g. a text encoder on a small card).
 
 Room is made by moving idle models (registered, not in use) to the offload device, least recently used first. The
-bytes of activations a call needs are planned too: for the DiT they are estimated from the token count of each
-call (`dit_activation_bytes`), for the VAE the tile size is chosen from the room left (`budget_for`).
+bytes of activations a call needs are planned too: a model that describes its own working memory (a method
+`activation_bytes(args, kwargs)`, as `sora.dit.WanDiT` has) is planned per call from its input, and stages with a
+tile size choose it from the room left (`budget_for`). A model with repeated blocks names their class in
+`_repeated_blocks`. The manager is the only owner of a managed model's device: nothing else moves it.
+
+A run may bring its own limits: `use(model, budget_bytes=..., blocks_resident=...)` holds for the `with` block
+only and leaves what out-of-memory errors have taught the manager in place.
 
 Out of memory (`retry_on_oom`): the failed step's tensors are released and the step runs again with a smaller
 footprint: idle models leave, then the caller's own fallbacks (sequential guidance, smaller VAE tiles), then
@@ -22,9 +27,6 @@ fewer resident blocks.
 Inside ComfyUI (its `comfy.model_management` is loaded) the manager asks it to free memory before placing weights
 (so core models make room), takes its device choice and clears caches through it. ComfyUI is never imported here:
 the module is only looked up in `sys.modules`.
-
-The model cache (`load`) hands loaders' results back on later runs for the same file and options, so repeated runs
-reuse the same objects instead of growing memory.
 """
 from __future__ import annotations
 
@@ -32,25 +34,18 @@ import contextlib
 import gc
 import itertools
 import logging
-import math
-import os
 import sys
 import traceback
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
 
-from . import ops
-from .dit import DiTConfig, WanDiT
 from .errors import InputError
 from .streaming import BlockStreamer, module_bytes, move_module, plan_resident_blocks
-from .text import clean_prompt
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +70,22 @@ class MemoryOptions:
         it; on a CPU device there is no automatic limit, since moving weights to the host would save nothing.
     reserve_bytes: device memory the automatic budget leaves alone (library workspaces, allocator slack, other
         programs).
-    cache_bytes: host memory the model cache may hold before it forgets its least recently used models; None:
-        half the physical memory where the system reports it, else no limit.
     """
 
     compute_device: str | torch.device | None = None
     offload_device: str | torch.device = "cpu"
     budget_bytes: int | None = None
     reserve_bytes: int = GiB
-    cache_bytes: int | None = None
 
     def __post_init__(self):
-        for name in ("budget_bytes", "reserve_bytes", "cache_bytes"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise InputError(f"memory option {name} must be a whole number of bytes >= 0, got {value!r}")
+        for name in ("budget_bytes", "reserve_bytes"):
+            check_bytes(name, getattr(self, name))
+
+
+def check_bytes(name: str, value) -> None:
+    """Raise InputError unless `value` is None or a whole number of bytes >= 0."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise InputError(f"memory option {name} must be a whole number of bytes >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -102,64 +98,6 @@ class Placement:
     location: str
     blocks_resident: int | None
     placed_bytes: int
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Activation estimates
-# ------------------------------------------------------------------------------------------------------------------
-
-def dit_activation_bytes(config: DiTConfig, *, batch: int, tokens: int, compute_dtype: torch.dtype,
-                         per_token_timesteps: bool) -> int:
-    """Peak bytes of the tensors one WanDiT forward keeps alive besides its weights (see `weight_workspace_bytes`).
-
-    Derivation, following `sora.dit.WanBlock.forward` in inference (no autograd graph). Per token of the batch, with
-    D = dim, F = ffn_dim, c = bytes per element of the compute dtype and float32 residuals (4 bytes):
-      self-attention: the block input x, the modulated norm h (4D each); q, k, v in c (3cD); while RoPE rotates k,
-        its float32 copy and the complex product (8D)                                              -> (16 + 3c)·D
-        (during attention itself: x, h, q, k, v and the output: (8 + 5c)·D, never more for c <= 4)
-      feed-forward: the block input held by the caller, the new residual x, h (12D), the hidden layer and its GELU
-        (2cF)                                                                                      -> 12D + 2cF
-        projecting back: 12D, the GELU output (cF), the projection (cD), its float32 copy and the new x (8D)
-                                                                                                   -> 20D + cF + cD
-      per-token timesteps (timestep [B, L]): shift, scale and gate become [B, L, D] float32        -> + 12D
-      the RoPE table (complex64, head_dim/2 per token) and the caller's float32 latent             -> + 4·head_dim
-                                                                                                      + 4·in_dim·patch
-    Per sample: the embedded text context and the cross-attention keys and values, text_len·D·(4 + 4c) at most.
-    Not included: the attention kernel's own workspace (flash / memory-efficient kernels need O(tokens); the math
-    fallback would need batch·heads·tokens² more). `tests/test_memory_streaming.py` checks the estimate against
-    the tensors actually alive during a forward.
-    """
-    D, F, c = config.dim, config.ffn_dim, torch.empty(0, dtype=compute_dtype).element_size()
-    per_token = max((16 + 3 * c) * D, 12 * D + 2 * c * F, 20 * D + c * F + c * D)
-    per_token += 12 * D if per_token_timesteps else 0
-    per_token += 4 * config.head_dim + 4 * config.in_dim * math.prod(config.patch_size)
-    per_sample = config.text_len * D * (4 + 4 * c)
-    return batch * (tokens * per_token + per_sample)
-
-
-def weight_workspace_bytes(model: nn.Module) -> int:
-    """Bytes of the largest temporary weight copy a forward makes: `sora.ops.Linear` upcasts weights stored in another
-    dtype (fp8, or bf16 in a float32 layer) for each call, and a scaled fp8 weight needs one more copy."""
-    largest = 0
-    for m in model.modules():
-        if isinstance(m, ops.Linear):
-            dtype = m.compute_dtype or torch.float32
-            if m.weight.dtype != dtype:
-                copies = 2 if m.scale_weight is not None else 1
-                largest = max(largest, copies * m.weight.numel() * torch.empty(0, dtype=dtype).element_size())
-    return largest
-
-
-def dit_call_activation_bytes(model: WanDiT, args: tuple, kwargs: dict) -> int:
-    """The activation estimate for one call `model(x, timestep, context)`."""
-    x = args[0] if args else kwargs["x"]
-    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-    samples = list(x) if isinstance(x, (list, tuple)) else list(x.unbind(0)) if x.ndim == 5 else [x]
-    patch = math.prod(model.config.patch_size)
-    tokens = max(s[0].numel() // patch for s in samples)  # per sample: T·H·W / patch
-    per_token = torch.as_tensor(timestep).ndim == 2
-    return (dit_activation_bytes(model.config, batch=len(samples), tokens=tokens, compute_dtype=model.compute_dtype,
-                                 per_token_timesteps=per_token) + weight_workspace_bytes(model))
 
 
 def _repeated_blocks(model: nn.Module) -> nn.ModuleList | None:
@@ -191,13 +129,6 @@ def _choose_device(requested: str | torch.device | None) -> torch.device:
     return torch.device("cpu")
 
 
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
-        return None
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # The manager
 # ------------------------------------------------------------------------------------------------------------------
@@ -213,7 +144,8 @@ class _Entry:
         self.blocks = _repeated_blocks(model)
         self.block_bytes = [module_bytes(b) for b in self.blocks] if self.blocks is not None else []
         self.fixed_bytes = self.bytes - sum(self.block_bytes)
-        self.estimate = dit_call_activation_bytes if isinstance(model, WanDiT) else None
+        # the class's method, not the bound one: the entry must not keep the model alive
+        self.estimate: Callable[[nn.Module, tuple, dict], int] | None = getattr(type(model), "activation_bytes", None)
         self.location = OFFLOADED
         self.resident_blocks: int | None = None
         self.placed = 0  # bytes of weights on the compute device (streamed blocks in flight not included)
@@ -223,15 +155,13 @@ class _Entry:
         self.cap: int | None = None  # most blocks resident after out-of-memory errors
         self.replan = False  # settings changed: choose the placement afresh at the next use
         self.warned = False  # told the user once that even full streaming exceeds the budget
-        self.on_move: Callable[[torch.device], None] | None = None
         self.streamer: BlockStreamer | None = None
         self.hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.call_devices: list[torch.device | None] = []  # input devices of the forwards in progress
 
 
 class MemoryManager:
-    """Budget, registry, placement, eviction, out-of-memory recovery and the model cache (see the module docstring).
-    """
+    """Budget, registry, placement, eviction and out-of-memory recovery (see the module docstring)."""
 
     def __init__(self, options: MemoryOptions | None = None):
         self.options = options or MemoryOptions()
@@ -243,17 +173,15 @@ class MemoryManager:
         self._peak = 0
         self._attempts: list[set[int]] = []  # models used by each `retry_on_oom` attempt in progress
         self._work_scale: dict[str, float] = {}  # per purpose of `budget_for`, halved by out-of-memory errors
-        self._cache: OrderedDict[tuple, tuple[tuple, Any]] = OrderedDict()  # key -> (file identity, object)
+        self._run_budgets: list[int] = []  # the budgets of the `use(..., budget_bytes=...)` blocks in progress
 
-    def configure(self, *, budget_bytes: int | None = None, reserve_bytes: int | None = None,
-                  cache_bytes: int | None = None) -> None:
-        """Change the budget (None: automatic), the reserve (None: keep) or the cache limit (None: keep). A change
-        re-plans every model at its next use and forgets the smaller footprints out-of-memory errors had forced."""
+    def configure(self, *, budget_bytes: int | None = None, reserve_bytes: int | None = None) -> None:
+        """Change the process-wide budget (None: automatic) or the reserve (None: keep). A change re-plans every model
+        at its next use and forgets the smaller footprints out-of-memory errors had forced. A budget for one run
+        is `use(..., budget_bytes=...)` instead."""
         changes = {"budget_bytes": budget_bytes}
         if reserve_bytes is not None:
             changes["reserve_bytes"] = reserve_bytes
-        if cache_bytes is not None:
-            changes["cache_bytes"] = cache_bytes
         options = replace(self.options, **changes)
         if options == self.options:
             return  # nothing changed: keep the plans and what out-of-memory errors taught
@@ -265,14 +193,14 @@ class MemoryManager:
     # -- budget and ledger -----------------------------------------------------------------------------------------
 
     def budget(self) -> int | None:
-        """Bytes the manager may place on the compute device now; None when there is no limit."""
-        user = self.options.budget_bytes
-        if self.compute_device.type != "cuda":
-            return user
-        free, _ = torch.cuda.mem_get_info(self.compute_device)
-        cached = torch.cuda.memory_reserved(self.compute_device) - torch.cuda.memory_allocated(self.compute_device)
-        automatic = max(0, free + cached + self._placed - self.options.reserve_bytes)
-        return automatic if user is None else min(user, automatic)
+        """Bytes the manager may place on the compute device now; None when there is no limit. The process-wide
+        budget, the budgets of the runs in progress and, on CUDA, the free memory all bound it."""
+        limits = [b for b in (self.options.budget_bytes, *self._run_budgets) if b is not None]
+        if self.compute_device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.compute_device)
+            cached = torch.cuda.memory_reserved(self.compute_device) - torch.cuda.memory_allocated(self.compute_device)
+            limits.append(max(0, free + cached + self._placed - self.options.reserve_bytes))
+        return min(limits, default=None)
 
     @property
     def placed_bytes(self) -> int:
@@ -300,11 +228,9 @@ class MemoryManager:
 
     # -- registry --------------------------------------------------------------------------------------------------
 
-    def register(self, model: nn.Module, *, name: str | None = None,
-                 on_move: Callable[[torch.device], None] | None = None) -> None:
-        """Manage `model`; calling it again only updates the name or `on_move`.
+    def register(self, model: nn.Module, *, name: str | None = None) -> None:
+        """Manage `model`; calling it again only updates the name.
 
-        on_move: called with the device the model runs on after each move (text encoders follow their weights).
         A model with repeated blocks (the DiT) gets forward hooks: each call is placed and planned from its own
         input size, inputs are moved to the compute device and the output back to the input's device. A managed
         model must not be moved by anyone else (`model.to`), or the ledger no longer matches the device.
@@ -316,16 +242,11 @@ class MemoryManager:
             entry = self._add(model, name or type(model).__name__)
         if name is not None:
             entry.name = name
-        if on_move is not None:
-            entry.on_move = on_move
 
-    def set_blocks_resident(self, model: nn.Module, blocks: int | None) -> None:
-        """The expert override for a model with repeated blocks: keep `blocks` of them on the compute device and
-        stream the rest, whatever the budget says; None returns to the automatic choice. A new value applies at the
-        next use; setting the same value again changes nothing.
-        """
-        self.register(model)
-        entry = self._entries[id(model)]
+    def _set_blocks_resident(self, entry: _Entry, blocks: int | None) -> None:
+        """The expert override of a model with repeated blocks: keep `blocks` of them on the compute device and
+        stream the rest, whatever the budget says; None returns to the automatic choice. A new value applies at
+        the next placement and forgets the cap out-of-memory errors set; the same value again changes nothing."""
         if blocks is not None and (entry.blocks is None or not 0 <= blocks <= len(entry.blocks)):
             limit = f"0..{len(entry.blocks)}" if entry.blocks is not None else "none: it has no repeated blocks"
             raise InputError(f"blocks resident {blocks} is out of range for {entry.name} ({limit}); "
@@ -386,19 +307,33 @@ class MemoryManager:
     # -- using a model ---------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def use(self, model: nn.Module, *, activation_bytes: int = 0) -> Iterator[Placement]:
+    def use(self, model: nn.Module, *, activation_bytes: int = 0, budget_bytes: int | None = None,
+            blocks_resident: int | None | object = ...) -> Iterator[Placement]:
         """Make `model` ready to run inside the `with` block and yield its `Placement` (run it on `.device`).
 
-        activation_bytes: working memory the caller will need beside the weights; room is made for it. A model in
-        use is never evicted. Registers the model if needed.
+        activation_bytes: working memory the caller will need beside the weights; room is made for it.
+        budget_bytes: a budget for this block only (the lower of it and the process-wide one applies), e.g. Sora
+            Memory Options' budget for one sampling run; it teaches and forgets nothing.
+        blocks_resident: for a model with repeated blocks, how many stay on the device (None: automatic); left
+            out, the model keeps the last value it was given.
+        A model in use is never evicted. Registers the model if needed.
         """
         self.register(model)
         entry = self._entries[id(model)]
-        self._enter(entry, activation_bytes)
+        check_bytes("budget_bytes", budget_bytes)
+        if blocks_resident is not ...:
+            self._set_blocks_resident(entry, blocks_resident)
+        if budget_bytes is not None:
+            self._run_budgets.append(budget_bytes)
         try:
-            yield self.state(model)
+            self._enter(entry, activation_bytes)
+            try:
+                yield self.state(model)
+            finally:
+                self._exit(entry)
         finally:
-            self._exit(entry)
+            if budget_bytes is not None:
+                self._run_budgets.remove(budget_bytes)
 
     def _enter(self, entry: _Entry, activation: int) -> None:
         entry.users += 1
@@ -499,9 +434,6 @@ class MemoryManager:
         except torch.OutOfMemoryError:
             self._apply(entry, model, OFFLOADED, None)
             raise
-        finally:
-            if entry.on_move is not None:
-                entry.on_move(self.offload_device if entry.location == OFFLOADED else self.compute_device)
 
     def _apply(self, entry: _Entry, model: nn.Module, location: str, resident: int | None) -> None:
         if entry.streamer is not None:
@@ -634,51 +566,6 @@ class MemoryManager:
             changes.append(f"streaming more of {entry.name} ({entry.cap} of {len(entry.blocks)} blocks resident)")
         return "; ".join(changes) or None
 
-    # -- model cache -----------------------------------------------------------------------------------------------
-
-    def load(self, loader: Callable[..., T], path: str | Path, **options) -> T:
-        """`loader(path, **options)`, or what it returned before for the same loader, file and options while the
-        file is unchanged (same size and modification time), so repeated runs reuse one object.
-
-        Torch modules that come back are registered. The cache forgets its least recently used objects when it holds
-        more than `MemoryOptions.cache_bytes` of host memory (the one just loaded always stays).
-        """
-        path = Path(path)
-        if not path.exists():
-            return loader(path, **options)  # the loader's own error says what is missing
-        key = (f"{loader.__module__}.{loader.__qualname__}", str(path.resolve()), tuple(sorted(options.items())))
-        try:
-            hash(key)
-        except TypeError:
-            raise InputError(f"loader options must be plain values (numbers, strings, dtypes); got {options}") from None
-        identity = _file_identity(path)
-        cached = self._cache.get(key)
-        if cached is not None and cached[0] == identity:
-            self._cache.move_to_end(key)
-            return cached[1]
-        self._cache.pop(key, None)  # a changed file: drop the old object before loading the new one
-        loaded = loader(path, **options)
-        if isinstance(loaded, nn.Module):
-            self.register(loaded, name=path.name)
-        self._cache[key] = (identity, loaded)
-        self._trim_cache()
-        return loaded
-
-    def clear_cache(self) -> None:
-        """Forget every cached model (they are freed once nothing else holds them)."""
-        self._cache.clear()
-
-    def _trim_cache(self) -> None:
-        limit = self.options.cache_bytes
-        if limit is None:
-            physical = _physical_memory()
-            limit = None if physical is None else physical // 2
-        if limit is None:
-            return
-        while len(self._cache) > 1 and sum(_host_bytes(obj) for _, obj in self._cache.values()) > limit:
-            self._cache.popitem(last=False)
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # The process's manager
 # ------------------------------------------------------------------------------------------------------------------
@@ -699,69 +586,6 @@ def set_manager(manager: MemoryManager) -> MemoryManager | None:
     global _manager
     previous, _manager = _manager, manager
     return previous
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Stages under the manager
-# ------------------------------------------------------------------------------------------------------------------
-
-def sequential_guidance(guidance) -> str | None:
-    """Out-of-memory fallback for a `sora.guidance.ClassifierFreeGuidance`: run the conditional and unconditional
-    passes as two forwards (half the activations, the same result). None when they already are."""
-    if guidance.negative is None or not guidance.batched:
-        return None
-    guidance.batched = False
-    return "running guidance as two forwards"
-
-
-def encode_text(encoder, prompts: list[str], *, manager: MemoryManager | None = None) -> tuple[torch.Tensor, ...]:
-    """`encoder.encode(prompts)` with the encoder's model placed by the manager: on the compute device when it fits
-    the budget (idle models leave for it), else it runs in host memory. Cached prompts need no model at all.
-
-    encoder: a `sora.text.TextEncoder`; its `device` follows the manager's placement from now on.
-    """
-    manager = manager or get_manager()
-    if all(encoder.cache.get((encoder.identity, clean_prompt(p))) is not None for p in prompts):
-        return encoder.encode(prompts)
-    if not encoder.loaded:
-        encoder.device = manager.offload_device  # load into host memory; the manager moves it from there
-    model = encoder.model
-    manager.register(model, name=encoder.name, on_move=_follower(encoder))
-    # Working memory: about sixteen float32 vectors of the model width per token covers attention and FFN.
-    activation = len(prompts) * encoder.max_length * encoder.dim * 64
-    with manager.use(model, activation_bytes=activation):
-        return encoder.encode(prompts)
-
-
-def decode_video(vae, latent: torch.Tensor, *, manager: MemoryManager | None = None,
-                 callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """`vae.decode(latent)` with the VAE placed by the manager and its tile size chosen from the budget
-    (`budget_for("vae_decode")`); an out-of-memory error retries with half the working memory (smaller tiles)."""
-    vae.check_latent(latent)
-    B, _, _, h, w = latent.shape
-    return _run_vae(vae, "vae_decode", vae.decode, latent, h, w, B, False, manager, callback)
-
-
-def encode_video(vae, video: torch.Tensor, *, manager: MemoryManager | None = None,
-                 callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """`vae.encode(video)` placed and tiled like `decode_video` (`budget_for("vae_encode")`)."""
-    vae.check_video(video)
-    s = vae.config.spatial_factor
-    B, _, _, H, W = video.shape
-    return _run_vae(vae, "vae_encode", vae.encode, video, H // s, W // s, B, True, manager, callback)
-
-
-def _run_vae(vae, purpose: str, run: Callable, data: torch.Tensor, h: int, w: int, batch: int, encode: bool,
-             manager: MemoryManager | None, callback) -> torch.Tensor:
-    manager = manager or get_manager()
-    whole = vae.working_bytes(h, w, batch=batch, encode=encode)
-    tiles = vae.plan_tiling(h, w, 0, batch=batch, encode=encode)  # the smallest tiles the VAE would use
-    smallest = vae.working_bytes(tiles.height, tiles.width, batch=batch, encode=encode)
-    with manager.use(vae, activation_bytes=smallest) as placement:
-        def step() -> torch.Tensor:
-            budget = manager.budget_for(purpose, wanted=whole) if placement.device == manager.compute_device else None
-            return run(data, memory_budget=budget, callback=callback)
-        return manager.retry_on_oom(step, manager.smaller_work(purpose), what=purpose.replace("_", " "))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -795,27 +619,3 @@ def _to_device(obj, device: torch.device):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_device(v, device) for v in obj)
     return obj
-
-
-def _follower(encoder) -> Callable[[torch.device], None]:
-    """Keeps `encoder.device` on its model's device, without keeping the encoder alive."""
-    ref = weakref.ref(encoder)
-
-    def follow(device: torch.device) -> None:
-        target = ref()
-        if target is not None:
-            target.device = device
-    return follow
-
-
-def _file_identity(path: Path) -> tuple:
-    """(name, size, modification time) of a file, or of every file in a folder."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return tuple((str(p), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
-
-
-def _host_bytes(obj) -> int:
-    """Weight bytes of a cached object: a module, or the modules among an object's attributes (a text encoder)."""
-    if isinstance(obj, nn.Module):
-        return module_bytes(obj)
-    return sum(module_bytes(v) for v in getattr(obj, "__dict__", {}).values() if isinstance(v, nn.Module))

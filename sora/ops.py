@@ -1,19 +1,75 @@
-"""Layers that keep weights in their stored dtype and compute in a chosen one.
+"""Layers that keep weights in their stored dtype and compute in a chosen one, and the weight patches of a call.
 
 Video DiT files come in bf16, fp16, fp8 (`float8_e4m3fn`, `float8_e5m2`) and ComfyUI's "scaled fp8", where each
 quantised Linear has a float32 scalar `scale_weight` and the real weight is `weight.to(dtype) * scale_weight`.
 `Linear` keeps such weights as they are stored (fp8 stays one byte per weight in memory) and upcasts them per
 call, so the matmul runs in `compute_dtype`.
+
+Weight patches (LoRAs, full deltas) never change a stored weight: a model handle installs them on the modules they
+touch for the duration of one forward (`installed`), and the layers add them as they compute. A `Linear` adds a
+low-rank patch on the activations (`x·downᵀ·upᵀ`, no full-size delta) and any other patch to its upcast weight;
+other parameters (norms, modulation, the patch embedding) read themselves through `patched`.
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+PATCHES = "sora_patches"  # module attribute: {parameter name: (BoundPatch, ...)} while a patched forward runs
+
+
+@dataclass(frozen=True)
+class BoundPatch:
+    """A patch of one parameter at a strength, its tensors on the compute device.
+
+    delta: an object with `delta(strength, dtype) -> Tensor` (the full-size change of the parameter); when it also
+        has `down`, `up` and `scale` (a low-rank patch without a mid matrix), `Linear` applies it on the activations.
+    """
+    delta: object
+    strength: float
+
+    @property
+    def low_rank(self) -> bool:
+        return all(hasattr(self.delta, a) for a in ("down", "up", "scale")) and getattr(self.delta, "mid", None) is None
+
+    def full(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.delta.delta(self.strength, dtype)
+
+
+def patches_of(module: nn.Module, name: str) -> Sequence[BoundPatch]:
+    table = module.__dict__.get(PATCHES)
+    return table.get(name, ()) if table else ()
+
+
+def patched(module: nn.Module, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`module.<name>` in `dtype` with the patches installed on it added (the tensor itself when there are none)."""
+    value = getattr(module, name).to(dtype)
+    for patch in patches_of(module, name):
+        value = value + patch.full(dtype).to(value.device).reshape(value.shape)
+    return value
+
+
+@contextlib.contextmanager
+def installed(model: nn.Module, table: Mapping[str, Mapping[str, Sequence[BoundPatch]]]) -> Iterator[None]:
+    """Install {module path: {parameter name: patches}} on `model`'s modules for the `with` block."""
+    modules = [model.get_submodule(path) for path in table]
+    try:
+        for module, (path, params) in zip(modules, table.items()):
+            module.__dict__[PATCHES] = params
+        yield
+    finally:
+        for module in modules:
+            module.__dict__.pop(PATCHES, None)
+
 
 class Linear(nn.Linear):
-    """nn.Linear with stored-dtype weights, an optional fp8 `scale_weight`, and a settable compute dtype.
+    """nn.Linear with stored-dtype weights, an optional fp8 `scale_weight`, a settable compute dtype and the
+    patches installed on it.
 
     `compute_dtype=None` computes in the input's dtype. The output has the compute dtype.
     """
@@ -28,8 +84,21 @@ class Linear(nn.Linear):
         weight = self.weight.to(dtype)
         if self.scale_weight is not None:
             weight = weight * self.scale_weight.to(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), weight, bias)
+        table = self.__dict__.get(PATCHES)
+        if not table:
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return F.linear(x.to(dtype), weight, bias)
+        x = x.to(dtype)
+        low_rank = [p for p in table.get("weight", ()) if p.low_rank]
+        for patch in table.get("weight", ()):
+            if not patch.low_rank:
+                weight = weight + patch.full(dtype)
+        bias = None if self.bias is None else patched(self, "bias", dtype)
+        out = F.linear(x, weight, bias)
+        for patch in low_rank:  # x·downᵀ·upᵀ: rank-r work instead of a full-size delta
+            lora = patch.delta
+            out = out + F.linear(F.linear(x, lora.down.to(dtype)), lora.up.to(dtype)) * (patch.strength * lora.scale)
+        return out
 
 
 def set_compute_dtype(module: nn.Module, dtype: torch.dtype | None) -> None:
@@ -52,3 +121,16 @@ def cast_weights(module: nn.Module, dtype: torch.dtype) -> None:
                 weight = weight.float() * m.scale_weight.float()
                 m.scale_weight = None
             m.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+
+
+def weight_workspace_bytes(model: nn.Module) -> int:
+    """Bytes of the largest temporary weight copy a forward makes: `Linear` upcasts weights stored in another
+    dtype (fp8, or bf16 in a float32 layer) for each call, and a scaled fp8 weight needs one more copy."""
+    largest = 0
+    for m in model.modules():
+        if isinstance(m, Linear):
+            dtype = m.compute_dtype or torch.float32
+            if m.weight.dtype != dtype:
+                copies = 2 if m.scale_weight is not None else 1
+                largest = max(largest, copies * m.weight.numel() * torch.empty(0, dtype=dtype).element_size())
+    return largest

@@ -10,15 +10,13 @@ from __future__ import annotations
 import torch
 
 from .errors import InputError
-from .latent_formats import FORMATS, LatentFormat
+from .latent_formats import LatentFormat, format_of
 
 
 def latent_to_rgb(latent: torch.Tensor, fmt: LatentFormat | str) -> torch.Tensor:
     """Raw latent [B, C, T, H, W] -> preview frames [B, T, H, W, 3], float32 in 0..1 (ComfyUI's IMAGE layout)."""
     if isinstance(fmt, str):
-        if fmt not in FORMATS:
-            raise InputError(f"unknown latent format {fmt!r}; known: {', '.join(FORMATS)}")
-        fmt = FORMATS[fmt]
+        fmt = format_of(fmt)
     if not fmt.rgb_factors:
         raise InputError(f"the {fmt.name} latent format has no preview colours; register rgb_factors for it")
     if latent.ndim != 5 or latent.shape[1] != fmt.channels:

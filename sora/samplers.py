@@ -1,150 +1,50 @@
-"""Flow-matching samplers: Euler, UniPC (bh2, order 2) and DPM-Solver++ 2M, and the `sample` entry point.
+"""Sampling, in parts as ComfyUI's custom sampling has them: noise, known frames, guider, solver, sigmas.
 
-Formulation (ARCH_FACTS §4.1): `x_σ = (1 − σ)·x0 + σ·ε`; the model predicts `v = ε − x0`, so the data prediction
-is `x0 = x − σ·v`. The multistep solvers work in the half log-SNR `λ(σ) = ln(1 − σ) − ln σ` with α = 1 − σ.
-Each solver is a small class that walks a fixed sigma grid, one model evaluation per step; its state (the
-history of x0 predictions) is the only thing carried between steps, so two experts can share it.
+`sample` is their composition, and each part can be used (and tested) alone:
 
-Noise is drawn on the CPU with a seeded `torch.Generator` in float32 and then moved to the device: the same seed
-gives the same bits on every device and matches ComfyUI's noise for the same seed and latent shape. (The Wan
-reference draws on the GPU, so its seeds do not carry over.)
+- the initial noise: `initial_noise`, drawn on the CPU with a seeded `torch.Generator` in float32 and then moved to
+  the device, so the same seed gives the same bits on every device and matches ComfyUI's noise for the same seed
+  and latent shape (the Wan reference draws on the GPU, so its seeds do not carry over);
+- known-frame conditioning: `sora.conditioning.KnownFrames` (a LATENT's `noise_mask`);
+- the guider: `sora.guidance.Guider` (classifier-free guidance over one or more prompts per side, the Wan 2.2
+  A14B expert hand-off, Wan I2V image channels);
+- the solver loop: `solve` walks a `sora.solvers.Solver` along the sigmas, calling `StepHooks` before and after
+  every step (progress, previews, cancel; a step cache plugs into the model handle, which learns the step from the
+  `ModelCall` each model call carries); `solve_with` drives a sampler function of another framework instead
+  (inside ComfyUI, any core SAMPLER) through a denoiser `x, σ -> x0`;
+- the result: `finish`, back to a raw latent, with kept frames exactly as given.
+
+Formulation (ARCH_FACTS §4.1): `x_σ = (1 − σ)·x0 + σ·ε`, `v = ε − x0`, `x0 = x − σ·v`, DiT timestep `σ·1000`.
 """
 from __future__ import annotations
 
 import functools
-import math
 import traceback
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from . import memory
 from .conditioning import KnownFrames, prepare_mask
 from .errors import InputError, Interrupted
-from .guidance import ClassifierFreeGuidance, Model, guidance_scales, is_high_noise_step
-from .latent_formats import FORMATS, LatentFormat
+from .guidance import ClassifierFreeGuidance, Guider, guidance_scales, sequential_guidance
+from .handle import ModelCall, ModelHandle, as_handle
+from .latent_formats import LatentFormat, format_of
 from .schedules import check_sigmas, split_denoise
+from .solvers import SAMPLERS, Solver, make_solver
+
+__all__ = ["SAMPLERS", "ExternalSampler", "Sampled", "StepHooks", "finish", "initial_noise", "sample", "solve",
+           "solve_with", "start_from"]
+
+Callback = Callable[[int, int, torch.Tensor], None]  # (step done 1..total, total, x0 as a raw latent)
+Velocity = Callable[[torch.Tensor, torch.Tensor, ModelCall], torch.Tensor]  # (x, timestep, call) -> v
 
 
-def half_log_snr(sigma: float) -> float:
-    """λ(σ) = ln(α/σ) with α = 1 − σ; −∞ at pure noise, +∞ at clean data."""
-    if sigma >= 1.0:
-        return -math.inf
-    if sigma <= 0.0:
-        return math.inf
-    return math.log1p(-sigma) - math.log(sigma)
-
-
-class Solver(ABC):
-    """Advances a sample along `sigmas`: `step(i, x, v)` goes from sigmas[i] to sigmas[i + 1], given the velocity
-    `v` predicted at (x, sigmas[i]). Steps must be taken in order, 0 to len(sigmas) − 2."""
-
-    def __init__(self, sigmas: Sequence[float]):
-        self.sigmas = [float(s) for s in sigmas]
-        self.steps = len(self.sigmas) - 1
-
-    @abstractmethod
-    def step(self, i: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        ...
-
-
-class Euler(Solver):
-    """First order: x' = x + (σ' − σ)·v."""
-
-    def step(self, i: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return x + (self.sigmas[i + 1] - self.sigmas[i]) * v
-
-
-class UniPC(Solver):
-    """UniPC, variant "bh2", order 2, data prediction (Zhao et al. 2023, arXiv:2302.04867), as the Wan reference
-    runs it (ARCH_FACTS §4.5). In bh2 the scaling B(h) equals φ1 = e^{−h} − 1, so one coefficient serves both.
-
-    Each step first corrects the previous step's result with the new x0 prediction (UniC, no extra model call),
-    then predicts the next sample (UniP). The first step and the last step are first order.
-    """
-
-    def __init__(self, sigmas: Sequence[float]):
-        super().__init__(sigmas)
-        self.history: list[torch.Tensor] = []  # the last two x0 predictions, oldest first
-        self.last_sample: torch.Tensor | None = None  # the previous step's (corrected) sample
-        self.last_order = 0
-
-    def step(self, i: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        x0 = x - self.sigmas[i] * v
-        if i > 0:
-            x = self._correct(i, x0)
-        self.history = [*self.history[-1:], x0]
-        order = min(2, self.steps - i, len(self.history))
-        self.last_sample, self.last_order = x, order
-        return self._predict(i, x, order)
-
-    @staticmethod
-    def _coefficients(s: float, t: float) -> tuple[float, float, float]:
-        """For a step from sigma s to t: h = λ(t) − λ(s), φ1 = e^{−h} − 1 (−1 when t = 0) and α_t = 1 − t."""
-        h = half_log_snr(t) - half_log_snr(s)
-        return h, math.expm1(-h), 1.0 - t
-
-    def _predict(self, i: int, x: torch.Tensor, order: int) -> torch.Tensor:
-        s, t = self.sigmas[i], self.sigmas[i + 1]
-        h, phi, alpha_t = self._coefficients(s, t)
-        m0 = self.history[-1]
-        x_next = (t / s) * x - (alpha_t * phi) * m0
-        if order == 2:
-            r = (half_log_snr(self.sigmas[i - 1]) - half_log_snr(s)) / h
-            d = (self.history[-2] - m0) / r
-            x_next = x_next - (alpha_t * phi * 0.5) * d  # the predictor's order-2 weight is fixed at 1/2
-        return x_next
-
-    def _correct(self, i: int, x0: torch.Tensor) -> torch.Tensor:
-        """Redo the step sigmas[i − 1] → sigmas[i] using the model's answer at sigmas[i]."""
-        s, t = self.sigmas[i - 1], self.sigmas[i]
-        h, phi, alpha_t = self._coefficients(s, t)
-        m0 = self.history[-1]
-        x = (t / s) * self.last_sample - (alpha_t * phi) * m0
-        if self.last_order == 1:
-            return x - (alpha_t * phi * 0.5) * (x0 - m0)
-        # Order 2: weights from the 2×2 system [[1, 1], [r, 1]]·ρ = b, with b_k from the φ-function recursion.
-        hh = -h
-        g1 = phi / hh - 1.0
-        g2 = g1 / hh - 0.5
-        b1, b2 = g1 / phi, 2.0 * g2 / phi
-        r = (half_log_snr(self.sigmas[i - 2]) - half_log_snr(s)) / h
-        rho_old = (b2 - b1) / (r - 1.0)  # → 0 when the older point lies at σ = 1 (r = −∞): its term vanishes
-        rho_new = b1 - rho_old
-        d = (self.history[-2] - m0) / r
-        return x - (alpha_t * phi) * (rho_old * d + rho_new * (x0 - m0))
-
-
-class DPMSolverPP2M(Solver):
-    """DPM-Solver++ 2M with the midpoint rule (Lu et al. 2022, arXiv:2211.01095), ARCH_FACTS §4.6.
-    First order on the first and the last step (the last goes to σ = 0, where λ is infinite)."""
-
-    def __init__(self, sigmas: Sequence[float]):
-        super().__init__(sigmas)
-        self.previous: torch.Tensor | None = None  # the previous step's x0 prediction
-
-    def step(self, i: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        s, t = self.sigmas[i], self.sigmas[i + 1]
-        x0 = x - s * v
-        h = half_log_snr(t) - half_log_snr(s)
-        scale = (1.0 - t) * math.expm1(-h)
-        x_next = (t / s) * x - scale * x0
-        if self.previous is not None and i < self.steps - 1:
-            r = (half_log_snr(s) - half_log_snr(self.sigmas[i - 1])) / h
-            x_next = x_next - (0.5 * scale / r) * (x0 - self.previous)
-        self.previous = x0
-        return x_next
-
-
-SAMPLERS: dict[str, type[Solver]] = {"euler": Euler, "unipc": UniPC, "dpm++_2m": DPMSolverPP2M}
-
-
-def make_solver(name: str, sigmas: Sequence[float]) -> Solver:
-    if name not in SAMPLERS:
-        raise InputError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name](sigmas)
-
+# ---------------------------------------------------------------------------------------------------------------
+# Noise and the start
+# ---------------------------------------------------------------------------------------------------------------
 
 def initial_noise(shape: Sequence[int], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Standard normal noise of `shape`: one float32 `randn` on a CPU generator seeded with `seed`, then moved to
@@ -155,11 +55,123 @@ def initial_noise(shape: Sequence[int], seed: int, device: torch.device | str = 
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device)
 
 
+def start_from(raw: torch.Tensor, fmt: LatentFormat) -> torch.Tensor:
+    """The model-space start of a raw latent; frames that are all zero (an empty latent) start from zero, as
+    ComfyUI does."""
+    x = fmt.normalize(raw)
+    empty = (raw == 0).all(dim=1, keepdim=True).all(dim=3, keepdim=True).all(dim=4, keepdim=True)  # [B, 1, T, 1, 1]
+    return torch.where(empty, torch.zeros_like(x), x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# The entry point
+# The solver loop
 # ---------------------------------------------------------------------------------------------------------------
 
-Callback = Callable[[int, int, torch.Tensor], None]
+@dataclass
+class StepHooks:
+    """Called around every step: `before(step)` (may raise `Interrupted` to stop) and `after(step, x0)` with the
+    step's clean prediction in model space, known frames shown clean."""
+    before: Callable[[int], None] | None = None
+    after: Callable[[int, torch.Tensor], None] | None = None
+
+
+def solve(solver: Solver, velocity: Velocity, noise: torch.Tensor, start: torch.Tensor,
+          known: KnownFrames | None = None, hooks: StepHooks = StepHooks()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Walk `solver.sigmas` from `σ0·noise + (1 − σ0)·start`; returns the sample at the last sigma and the last
+    step's x0 prediction, both in model space. `noise` zeros continue a partial result."""
+    sigmas, total = solver.sigmas, solver.steps
+    x = sigmas[0] * noise + (1.0 - sigmas[0]) * start
+    if known is not None:
+        x = known.impose(x, sigmas[0])
+    x0 = x
+    for i in range(total):
+        if hooks.before is not None:
+            hooks.before(i)
+        sigma = sigmas[i]
+        v = velocity(x, _timestep(known, sigma, x), ModelCall(i, total, sigma))
+        x0 = x - sigma * v
+        x = solver.step(i, x, v)
+        if known is not None:
+            x = known.impose(x, sigmas[i + 1])
+            x0 = known.clean(x0)
+        if hooks.after is not None:
+            hooks.after(i, x0)
+    return x, x0
+
+
+class ExternalSampler(Protocol):
+    """A sampler function of another framework: from `noise` and `start` (it adds the noise at sigmas[0] itself)
+    along `sigmas`, calling `denoise(x, σ) -> x0` and `callback(step, x0)`; returns the sample at the last sigma.
+    After each call `denoise.cond` and `denoise.uncond` hold the x0 of the conditional and unconditional passes
+    (uncond None without guidance), for samplers that combine them themselves (ComfyUI's CFG++)."""
+    def __call__(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+                 start: torch.Tensor, sigmas: torch.Tensor, callback: Callable[[int, torch.Tensor], None]
+                 ) -> torch.Tensor:
+        ...
+
+
+def solve_with(external: ExternalSampler, velocity: Velocity, noise: torch.Tensor, start: torch.Tensor,
+               sigmas: Sequence[float], known: KnownFrames | None = None, hooks: StepHooks = StepHooks(),
+               passes: Callable[[], tuple | None] = lambda: None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`solve` with an external sampler function; known frames are imposed around every model call (as
+    ComfyUI's inpainting wrapper does). A call between two sigmas (a second-order sampler's midpoint) counts as the
+    step it lies in. `passes()` gives the last call's (v_cond, v_uncond or None)."""
+    total = len(sigmas) - 1
+    last = {"x0": start}
+
+    def denoise(x: torch.Tensor, sigma) -> torch.Tensor:
+        s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+        step = min(sum(1 for level in sigmas[1:-1] if level >= s), total - 1)
+        if hooks.before is not None:
+            hooks.before(step)
+        if known is not None:
+            x = known.impose(x, s)
+        x0 = x - s * velocity(x, _timestep(known, s, x), ModelCall(step, total, s))
+        last["x0"] = x0 = known.clean(x0) if known is not None else x0
+        v_cond, v_uncond = passes() or (None, None)
+        denoise.cond = x0 if v_cond is None else x - s * v_cond
+        denoise.uncond = None if v_uncond is None else x - s * v_uncond
+        return x0
+
+    denoise.cond = denoise.uncond = None
+
+    def callback(step: int, x0: torch.Tensor) -> None:
+        if hooks.after is not None:
+            hooks.after(step, x0)
+
+    x = external(denoise, noise, start, torch.tensor(sigmas, dtype=torch.float32), callback)
+    if known is not None:
+        x = known.impose(x, sigmas[-1])
+    return x, last["x0"]
+
+
+def _timestep(known: KnownFrames | None, sigma: float, x: torch.Tensor) -> torch.Tensor:
+    if known is not None:
+        return known.timestep(sigma)
+    return torch.full((x.shape[0],), sigma * 1000.0, device=x.device)
+
+
+def finish(x: torch.Tensor, sigma_end: float, fmt: LatentFormat, raw: torch.Tensor,
+           known: KnownFrames | None) -> torch.Tensor:
+    """A solver's model-space sample at `sigma_end` -> raw latent. Above 0 that is ComfyUI's partial latent
+    `x/(1 − σ_end)`, which another sampler continues with `add_noise=False`. Kept frames come back as given,
+    blended in raw space (not through a normalise/denormalise round trip)."""
+    out = fmt.denormalize(x / (1.0 - sigma_end) if sigma_end > 0 else x)
+    if known is not None:
+        out = out * known.mask + raw * (1.0 - known.mask)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The composition
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sampled:
+    """What a run returns: `latent`, the raw latent at the last sigma (ComfyUI's SamplerCustom "output"), and
+    `denoised`, the last step's clean prediction as a raw latent ("denoised_output")."""
+    latent: torch.Tensor
+    denoised: torch.Tensor
 
 
 def _release_on_stop(function):
@@ -176,28 +188,33 @@ def _release_on_stop(function):
     return run
 
 
+def sample(model, latent: torch.Tensor, sigmas: torch.Tensor, positive, negative=None, **options) -> torch.Tensor:
+    """Denoise `latent` along `sigmas` and return the result as a raw latent; `run_sampling(...).latent`."""
+    return run_sampling(model, latent, sigmas, positive, negative, **options).latent
+
+
 @_release_on_stop
 @torch.no_grad()
-def sample(model: Model, latent: torch.Tensor, sigmas: torch.Tensor, positive: torch.Tensor,
-           negative: torch.Tensor | None = None, *, guidance: float | Sequence[float] | torch.Tensor = 5.0,
-           sampler: str = "unipc", seed: int = 0, noise_mask: torch.Tensor | None = None,
-           low_noise_model: Model | None = None, boundary_t: float = 875.0,
-           low_noise_guidance: float | Sequence[float] | torch.Tensor | None = None, denoise: float = 1.0,
-           add_noise: bool = True, batched_cfg: bool = True, extra_channels: torch.Tensor | None = None,
-           callback: Callback | None = None, interrupt: Callable[[], None] | None = None,
-           device: torch.device | str | None = None) -> torch.Tensor:
-    """Denoise `latent` along `sigmas` and return the result as a raw latent.
+def run_sampling(model, latent: torch.Tensor, sigmas: torch.Tensor, positive, negative=None, *,
+                 guidance: float | Sequence[float] | torch.Tensor = 5.0, sampler: str | ExternalSampler = "unipc",
+                 seed: int = 0, noise_mask: torch.Tensor | None = None, low_noise_model=None,
+                 boundary_t: float = 875.0, low_noise_guidance: float | Sequence[float] | torch.Tensor | None = None,
+                 denoise: float = 1.0, add_noise: bool = True, batched_cfg: bool = True,
+                 extra_channels: torch.Tensor | None = None, callback: Callback | None = None,
+                 interrupt: Callable[[], None] | None = None, device: torch.device | str | None = None) -> Sampled:
+    """Denoise `latent` along `sigmas`.
 
-    model: `model(x, timestep, context) -> v` with `model.config.latent_format` and
-        `model.config.per_token_timesteps`; the high-noise expert when `low_noise_model` is given.
+    model: a `sora.handle.ModelHandle`, or a model `model(x, timestep, context) -> v` with `config.latent_format`
+        and `config.per_token_timesteps`; the high-noise expert when `low_noise_model` is given.
     latent: raw VAE latent [B, C, T, H, W] (ComfyUI LATENT "samples"). Noise is added to it at sigmas[0]:
         `σ0·ε + (1 − σ0)·latent`. Frames that are all zero (an empty latent) start from zero in model space, as
         ComfyUI does.
     sigmas: SIGMAS, strictly decreasing in [0, 1]; a schedule that stops above 0 returns ComfyUI's partial
         latent `x/(1 − σ_end)`, which another sampler continues with `add_noise=False`.
-    positive, negative: text contexts [B or 1, L, D]; negative None runs without guidance.
+    positive, negative: text contexts [B or 1, L, D], or lists of `sora.guidance.Prompt` (several conditioning
+        entries, combined as ComfyUI combines them); negative None runs without guidance.
     guidance: the CFG scale, one number or one per step of `sigmas`; 1 skips the unconditional pass.
-    sampler: "euler", "unipc" or "dpm++_2m".
+    sampler: "euler", "unipc" or "dpm++_2m", or an `ExternalSampler`.
     seed: the initial noise (see `initial_noise`).
     noise_mask: LATENT "noise_mask" [B, 1, T, H, W], 1 = generate, 0 = keep (see sora.conditioning); kept frames
         come back exactly as given.
@@ -205,17 +222,19 @@ def sample(model: Model, latent: torch.Tensor, sigmas: torch.Tensor, positive: t
     low_noise_guidance: the low-noise expert's scale(s); default `guidance`.
     denoise: keep only the last round(steps·denoise) steps (ComfyUI's SplitSigmasDenoise); 0 returns the input.
     add_noise: False takes `latent` as a partial result to continue (no new noise).
-    batched_cfg: the conditional and unconditional passes in one forward (True) or two (less memory).
+    batched_cfg: the guidance passes in one forward (True) or one each (less memory).
     extra_channels: [B or 1, C_extra, T, H, W] appended to the latent's channels on every model call, the same for
-        both guidance passes (Wan I2V models: `conditioning.wan_i2v_channels`).
+        every guidance pass (Wan I2V models: `conditioning.wan_i2v_channels`).
     callback: called after every step as `callback(step, total, x0)` with step = 1..total and x0 that step's
         prediction of the clean raw latent, for progress and previews.
     interrupt: called before every step; it raises sora.errors.Interrupted to stop the run, which then releases
         every tensor it made.
     device: where to compute; default the model's parameters' device, else the latent's.
     """
-    fmt, per_token = _model_format(model)
-    if low_noise_model is not None and _model_format(low_noise_model) != (fmt, per_token):
+    high = as_handle(model)
+    low = None if low_noise_model is None else as_handle(low_noise_model)
+    fmt, per_token = _model_format(high)
+    if low is not None and _model_format(low) != (fmt, per_token):
         raise InputError("the two experts differ in latent format or timestep kind; pair the high- and "
                          "low-noise models of one release")
     if not isinstance(latent, torch.Tensor) or latent.ndim != 5 or latent.shape[1] != fmt.channels:
@@ -227,89 +246,59 @@ def sample(model: Model, latent: torch.Tensor, sigmas: torch.Tensor, positive: t
     low_scales = scales if low_noise_guidance is None else guidance_scales(low_noise_guidance, steps)
     sigmas = [float(s) for s in split_denoise(sigmas, denoise)]
     if len(sigmas) < 2:
-        return latent.clone()  # nothing to denoise: the input, bit for bit
+        return Sampled(latent.clone(), latent.clone())  # nothing to denoise: the input, bit for bit
     total = len(sigmas) - 1
     scales, low_scales = scales[steps - total:], low_scales[steps - total:]
 
-    device = torch.device(device) if device is not None else _default_device(model, latent)
+    device = torch.device(device) if device is not None else _default_device(high, latent)
     raw = latent.to(device, torch.float32)
-    start = _to_model_space(raw, fmt)
+    start = start_from(raw, fmt)
     noise = initial_noise(raw.shape, seed, device)
-    x = (sigmas[0] * noise if add_noise else 0.0) + (1.0 - sigmas[0]) * start
     known = None
     if noise_mask is not None:
         known = KnownFrames(prepare_mask(noise_mask, raw.shape).to(device), start, noise, per_token)
-        x = known.impose(x, sigmas[0])
     cfg = ClassifierFreeGuidance(positive, negative, raw.shape[0], batched_cfg).to(device)
-    solver = make_solver(sampler, sigmas)
-    if extra_channels is not None:
-        model, low_noise_model = _with_channels(model, extra_channels, raw), _with_channels(low_noise_model,
-                                                                                          extra_channels, raw)
+    guider = Guider(high, cfg, scales, low, low_scales, boundary_t, _image_channels(extra_channels, raw))
+    manager = memory.get_manager()
 
-    for i in range(total):
-        if interrupt is not None:
-            interrupt()
-        sigma = sigmas[i]
-        high = low_noise_model is None or is_high_noise_step(sigma, boundary_t)
-        if known is not None:
-            timestep = known.timestep(sigma)
-        else:
-            timestep = torch.full((raw.shape[0],), sigma * 1000.0, device=device)
+    def velocity(x: torch.Tensor, timestep: torch.Tensor, call: ModelCall) -> torch.Tensor:
         # sora.memory: an out-of-memory error retries this step with a smaller footprint instead of failing the run
-        v = memory.get_manager().retry_on_oom(
-            lambda: cfg.velocity(model if high else low_noise_model, x, timestep, scales[i] if high else low_scales[i]),
-            functools.partial(memory.sequential_guidance, cfg), what=f"sampling step {i + 1}")
-        x0 = x - sigma * v if callback is not None else None
-        x = solver.step(i, x, v)
-        if known is not None:
-            x = known.impose(x, sigmas[i + 1])
-        if callback is not None:
-            callback(i + 1, total, fmt.denormalize(known.clean(x0) if known is not None else x0))
+        return manager.retry_on_oom(lambda: guider.velocity(x, timestep, call),
+                                    functools.partial(sequential_guidance, cfg), what=f"sampling step {call.step + 1}")
 
-    if sigmas[-1] > 0:
-        return fmt.denormalize(x / (1.0 - sigmas[-1])).to(latent.device)
-    out = fmt.denormalize(x)
-    if known is not None:
-        # Blend in raw space so kept frames are the given values exactly, not a normalise/denormalise round trip.
-        out = out * known.mask + raw * (1.0 - known.mask)
-    return out.to(latent.device)
+    hooks = StepHooks(
+        before=(lambda i: interrupt()) if interrupt is not None else None,
+        after=(lambda i, x0: callback(i + 1, total, fmt.denormalize(x0))) if callback is not None else None)
+    initial = noise if add_noise else torch.zeros_like(noise)
+    if isinstance(sampler, str):
+        x, x0 = solve(make_solver(sampler, sigmas), velocity, initial, start, known, hooks)
+    else:
+        x, x0 = solve_with(sampler, velocity, initial, start, sigmas, known, hooks, lambda: cfg.last)
+    return Sampled(finish(x, sigmas[-1], fmt, raw, known).to(latent.device),
+                   finish(x0, 0.0, fmt, raw, known).to(latent.device))
 
 
-def _with_channels(model: Model | None, extra: torch.Tensor, raw: torch.Tensor) -> Model | None:
-    """`model` with `extra` appended to its input's channels (broadcast over the guidance batch)."""
-    if model is None:
+def _image_channels(extra: torch.Tensor | None, raw: torch.Tensor) -> torch.Tensor | None:
+    """`extra` checked against the latent and broadcast over its batch."""
+    if extra is None:
         return None
     B, _, T, H, W = raw.shape
     if extra.ndim != 5 or extra.shape[0] not in (1, B) or tuple(extra.shape[2:]) != (T, H, W):
         raise InputError(f"extra_channels {tuple(extra.shape)} must be [B or 1, C, {T}, {H}, {W}] like the latent")
-    extra = extra.to(raw.device, torch.float32).expand(B, -1, -1, -1, -1)
-
-    def call(x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        passes = x.shape[0] // B  # 2 when guidance batches [cond; uncond]
-        return model(torch.cat([x, extra.repeat(passes, 1, 1, 1, 1)], dim=1), timestep, context)
-    return call
+    return extra.to(raw.device, torch.float32).expand(B, -1, -1, -1, -1)
 
 
-def _model_format(model: Model) -> tuple[LatentFormat, bool]:
-    config = getattr(model, "config", None)
+def _model_format(model: ModelHandle) -> tuple[LatentFormat, bool]:
+    config = getattr(model.model, "config", None)
     if config is None or not hasattr(config, "latent_format") or not hasattr(config, "per_token_timesteps"):
         raise InputError("the model has no config.latent_format / config.per_token_timesteps; load it with "
                          "sora.dit.load_dit")
-    if config.latent_format not in FORMATS:
-        raise InputError(f"the model's latent format {config.latent_format!r} is unknown; known: "
-                         f"{', '.join(FORMATS)}")
-    return FORMATS[config.latent_format], bool(config.per_token_timesteps)
+    return format_of(config.latent_format), bool(config.per_token_timesteps)
 
 
-def _default_device(model: Model, latent: torch.Tensor) -> torch.device:
-    parameters = getattr(model, "parameters", None)
+def _default_device(model: ModelHandle, latent: torch.Tensor) -> torch.device:
+    parameters = getattr(model.model, "parameters", None)
     if callable(parameters):
         for parameter in parameters():
             return parameter.device
     return latent.device
-
-
-def _to_model_space(raw: torch.Tensor, fmt: LatentFormat) -> torch.Tensor:
-    x = fmt.normalize(raw)
-    empty = (raw == 0).all(dim=1, keepdim=True).all(dim=3, keepdim=True).all(dim=4, keepdim=True)  # [B, 1, T, 1, 1]
-    return torch.where(empty, torch.zeros_like(x), x)

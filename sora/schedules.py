@@ -25,7 +25,6 @@ import torch
 from .errors import InputError
 
 SCHEDULES = ("wan_unipc", "wan_dpm", "linear")
-NUM_TRAIN_TIMESTEPS = 1000  # the DiT's timestep is σ·1000
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -136,7 +135,6 @@ class TaskDefaults:
 
 DEFAULTS: dict[str, TaskDefaults] = {
     "wan21_t2v": TaskDefaults(steps=50, shift=5.0, guidance=5.0, frames=81, fps=16),
-    "wan21_t2i": TaskDefaults(steps=50, shift=5.0, guidance=5.0, frames=1, fps=16),
     "wan21_i2v_720p": TaskDefaults(steps=40, shift=5.0, guidance=5.0, frames=81, fps=16, negative_prefix="镜头晃动，"),
     "wan21_i2v_480p": TaskDefaults(steps=40, shift=3.0, guidance=5.0, frames=81, fps=16, negative_prefix="镜头晃动，"),
     "wan21_flf2v": TaskDefaults(steps=50, shift=16.0, guidance=5.0, frames=81, fps=16,
@@ -147,10 +145,6 @@ DEFAULTS: dict[str, TaskDefaults] = {
     "wan22_i2v_a14b": TaskDefaults(steps=40, shift=5.0, guidance=3.5, frames=81, fps=16,
                                    low_noise_guidance=3.5, boundary_t=900.0),
     "wan22_ti2v_5b": TaskDefaults(steps=50, shift=5.0, guidance=5.0, frames=121, fps=24),
+    # the embedded model: what it was trained and measured with (sora/nano/weights/MODEL_CARD.md), 64x64
+    "nano": TaskDefaults(steps=20, shift=3.0, guidance=5.0, frames=33, fps=16),
 }
-
-
-def register_defaults(task: str, defaults: TaskDefaults) -> TaskDefaults:
-    """Add a task's defaults (the nano model registers its own)."""
-    DEFAULTS[task] = defaults
-    return defaults

@@ -26,7 +26,8 @@ import ftfy
 import torch
 from torch import nn
 
-from . import ops
+from . import memory, ops
+from .guidance import Prompt
 from .checkpoints import StateDict, load_into, load_state_dict, strip_prefix
 from .errors import CheckpointError, InputError
 from .text_umt5 import UMT5Config, UMT5Encoder, original_to_hf
@@ -117,7 +118,7 @@ class TextEncoder(ABC):
     Subclasses set `name`, `dim`, `max_length` (tokens per prompt, special tokens included), `pad_length` (rows
     of every output, or None for the longest prompt of the call), `pad_id` and `identity` (what makes two
     encoders give the same output: weights, tokenizer, dtypes), and implement `_tokenize`, `_load_model`, `_run`.
-    `device` is where the model runs; the memory manager may change it between calls.
+    The memory manager places the model (`encode_prompts`); the encoder runs wherever its weights are.
     """
     name: str
     dim: int
@@ -126,8 +127,7 @@ class TextEncoder(ABC):
     pad_id: int
     identity: tuple
 
-    def __init__(self, *, device: str | torch.device, model: nn.Module | None, cache: EncodingCache | None):
-        self.device = torch.device(device)
+    def __init__(self, *, model: nn.Module | None, cache: EncodingCache | None):
         self.cache = ENCODING_CACHE if cache is None else cache
         self._model = model
 
@@ -161,29 +161,29 @@ class TextEncoder(ABC):
         for i, row in enumerate(token_ids):
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = True
+        model = self.model
         with torch.inference_mode():
-            states = self._run(self.model, ids.to(self.device), mask.to(self.device))  # [B, longest, dim]
+            states = self._run(model, ids.to(self.device), mask.to(self.device))  # [B, longest, dim]
         # clone: a cached prompt must not keep the whole batch's storage alive
         return [states[i, : len(row)].float().cpu().clone() for i, row in enumerate(token_ids)]
 
     @property
     def model(self) -> nn.Module:
-        """The model on `device`, (re)loaded from its files after `unload` or moved back after `offload`."""
+        """The model, (re)loaded into host memory after `unload`."""
         if self._model is None:
             self._model = self._load_model()
-        where = next(self._model.parameters()).device
-        if where.type != self.device.type or self.device.index not in (None, where.index):  # "cuda" is any cuda:N
-            self._model.to(self.device)
         return self._model
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are now (host memory when they are not loaded)."""
+        if self._model is None:
+            return torch.device("cpu")
+        return next(self._model.parameters()).device
 
     @property
     def loaded(self) -> bool:
         return self._model is not None
-
-    def offload(self) -> None:
-        """Move the weights to CPU memory (the next uncached encode moves them back to `device`)."""
-        if self._model is not None:
-            self._model.to("cpu")
 
     def unload(self) -> None:
         """Drop the weights; cached prompts still encode, others reload them from the files."""
@@ -200,6 +200,21 @@ class TextEncoder(ABC):
     @abstractmethod
     def _run(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         ...
+
+
+def encode_prompts(encoder: TextEncoder, prompts: list[str], *, manager: memory.MemoryManager | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`encoder.encode(prompts)` with the encoder's model placed by the memory manager: on the compute device when
+    it fits the budget (idle models leave for it), else in host memory. Cached prompts need no model at all."""
+    manager = manager or memory.get_manager()
+    if all(encoder.cache.get((encoder.identity, clean_prompt(p))) is not None for p in prompts):
+        return encoder.encode(prompts)
+    model = encoder.model
+    manager.register(model, name=encoder.name)
+    # Working memory: about sixteen float32 vectors of the model width per token covers attention and FFN.
+    activation = len(prompts) * encoder.max_length * encoder.dim * 64
+    with manager.use(model, activation_bytes=activation):
+        return encoder.encode(prompts)
 
 
 def _files_identity(path: Path) -> tuple:
@@ -353,8 +368,8 @@ class UMT5TextEncoder(TextEncoder):
     pad_id = 0
 
     def __init__(self, path: Path, model: UMT5Encoder, tokenizer: UMT5Tokenizer, *, weight_dtype: torch.dtype | None,
-                 device: str | torch.device, cache: EncodingCache | None = None):
-        super().__init__(device=device, model=model, cache=cache)
+                 cache: EncodingCache | None = None):
+        super().__init__(model=model, cache=cache)
         self.path = path
         self.tokenizer = tokenizer
         self.config = model.config
@@ -369,7 +384,7 @@ class UMT5TextEncoder(TextEncoder):
 
     def _load_model(self) -> nn.Module:
         state_dict, _ = read_umt5_file(self.path)
-        return build_umt5(state_dict, dtype=self.dtype, weight_dtype=self.weight_dtype, device=self.device,
+        return build_umt5(state_dict, dtype=self.dtype, weight_dtype=self.weight_dtype, device="cpu",
                           source=self.path)
 
     def _run(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -396,7 +411,7 @@ def load_text_encoder(path: str | Path, *, dtype: torch.dtype | None = None, dev
         raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
                               f"{vocab_size} rows; the tokenizer belongs to another model")
     model = build_umt5(state_dict, dtype=dtype, weight_dtype=weight_dtype, device=device, source=path)
-    return UMT5TextEncoder(path, model, tokenizer, weight_dtype=weight_dtype, device=device, cache=cache)
+    return UMT5TextEncoder(path, model, tokenizer, weight_dtype=weight_dtype, cache=cache)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -437,8 +452,8 @@ class MiniLMTextEncoder(TextEncoder):
         self.max_length = json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
         self.pad_id = self.tokenizer.pad_token_id
         self.identity = (self.name, _files_identity(folder / "model.safetensors"))
-        super().__init__(device=device, model=None, cache=cache)
-        self._model = self._load_model()
+        super().__init__(model=None, cache=cache)
+        self._model = self._load_model().to(device)
 
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
@@ -455,7 +470,7 @@ class MiniLMTextEncoder(TextEncoder):
         finally:
             if bar_was_enabled:
                 hf_logging.enable_progress_bar()
-        return model.to(self.device).eval().requires_grad_(False)
+        return model.eval().requires_grad_(False)
 
     def _run(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
@@ -487,35 +502,39 @@ def to_conditioning(embeds: torch.Tensor, lengths: torch.Tensor, encoder: TextEn
                                         "sora_encoder": encoder.name}] for i in range(B)]
 
 
-def from_conditioning(cond: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """CONDITIONING -> (embeds [B, L, D] float32, lengths [B] int64), one row per embedding in the list.
+def from_conditioning(cond: list) -> list[Prompt]:
+    """CONDITIONING -> one `sora.guidance.Prompt` per entry: its embedding [B, L, D] in float32 with the rows past
+    the entry's attention mask zeroed, weighted by the entry's "strength" (1 without).
 
-    Entries without an `attention_mask` (ComfyUI's own umT5 encode) count all their L rows. Entries of different
-    lengths are zero-padded to the longest; rows past each length are zeroed.
+    Several entries (ComfyUI's ConditioningCombine) are several prompts the sampler averages, as ComfyUI does.
+    Entries without an `attention_mask` (ComfyUI's own umT5 encode) count all their L rows. Entries limited to an
+    area, a mask or a part of the schedule are refused: the sampler applies every entry everywhere.
     """
     if not isinstance(cond, (list, tuple)) or not cond:
         raise InputError("CONDITIONING must be a non-empty list of [embedding [1, L, D], dict] pairs")
-    rows, lengths = [], []
+    entries = []
     for i, entry in enumerate(cond):
         if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], torch.Tensor)
                 and entry[0].ndim == 3 and isinstance(entry[1], dict)):
             raise InputError(f"CONDITIONING entry {i} is not an [embedding [1, L, D], dict] pair; connect the "
                              "output of a text encode node")
         emb, extra = entry
+        limited = [k for k in ("area", "mask") if extra.get(k) is not None]
+        if extra.get("start_percent", 0.0) != 0.0 or extra.get("end_percent", 1.0) != 1.0:
+            limited.append("start_percent/end_percent")
+        if limited:
+            raise InputError(f"CONDITIONING entry {i} is limited by {', '.join(limited)} (ConditioningSetArea, "
+                             "SetMask or SetTimestepRange); this sampler applies every entry to the whole video and "
+                             "all steps, so combine plain text conditionings only")
         mask = extra.get("attention_mask")
-        if mask is None:
-            entry_lengths = [emb.shape[1]] * emb.shape[0]
-        elif mask.shape[-1] != emb.shape[1] or mask.shape[0] not in (1, emb.shape[0]):
-            raise InputError(f"CONDITIONING entry {i}: attention_mask {list(mask.shape)} does not fit the "
-                             f"embedding {list(emb.shape)}")
-        else:
-            entry_lengths = mask.expand(emb.shape[0], -1).sum(-1).tolist()
-        rows.extend(emb.float())
-        lengths.extend(int(n) for n in entry_lengths)
-    dims = {r.shape[-1] for r in rows}
-    if len(dims) != 1:
-        raise InputError(f"CONDITIONING mixes embedding widths {sorted(dims)}; use one text encoder for all prompts")
-    embeds = torch.zeros(len(rows), max(r.shape[0] for r in rows), dims.pop(), device=rows[0].device)
-    for i, (r, n) in enumerate(zip(rows, lengths)):
-        embeds[i, :n] = r[:n]
-    return embeds, torch.tensor(lengths, dtype=torch.long)
+        emb = emb.float()
+        if mask is not None:
+            if mask.shape[-1] != emb.shape[1] or mask.shape[0] not in (1, emb.shape[0]):
+                raise InputError(f"CONDITIONING entry {i}: attention_mask {list(mask.shape)} does not fit the "
+                                 f"embedding {list(emb.shape)}")
+            emb = torch.where(mask.to(emb.device).bool().expand(emb.shape[0], -1)[..., None], emb, 0.0)
+        entries.append(Prompt(emb, float(extra.get("strength", 1.0))))
+    widths = {p.context.shape[-1] for p in entries}
+    if len(widths) != 1:
+        raise InputError(f"CONDITIONING mixes embedding widths {sorted(widths)}; use one text encoder for all prompts")
+    return entries

@@ -53,7 +53,6 @@ class UMT5Config:
 
 
 UMT5_XXL = UMT5Config()
-UMT5_TINY = UMT5Config(vocab_size=128, d_model=32, num_heads=4, d_kv=8, d_ff=48, num_layers=2)  # tests, stand-ins
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,8 +195,6 @@ class Stack(nn.Module):
 
 class UMT5Encoder(nn.Module):
     """umT5 encoder: token ids -> per-token states, computed in `compute_dtype` (float32 unless set)."""
-    _repeated_blocks = ("Block",)
-
     def __init__(self, cfg: UMT5Config):
         super().__init__()
         self.config = cfg

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import vae_tiling
+from . import memory, vae_tiling
 from .checkpoints import StateDict, load_into, load_state_dict, strip_prefix
 from .errors import CheckpointError, InputError
 from .vae_tiling import Tiling
@@ -595,6 +595,41 @@ class WanVAE(nn.Module):
                         callback(n * T + t + 1, len(tiles) * T)
         vae_tiling.normalize_blend(out, tiles, scale=s)
         return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Under the memory manager
+# --------------------------------------------------------------------------------------------------------------------
+
+def decode_video(vae: WanVAE, latent: torch.Tensor, *, manager: memory.MemoryManager | None = None,
+                 callback: ProgressCallback | None = None) -> torch.Tensor:
+    """`vae.decode(latent)` with the VAE placed by the memory manager and its tile size chosen from the budget
+    (`budget_for("vae_decode")`); an out-of-memory error retries with half the working memory (smaller tiles)."""
+    vae.check_latent(latent)
+    B, _, _, h, w = latent.shape
+    return _managed(vae, "vae_decode", vae.decode, latent, h, w, B, False, manager, callback)
+
+
+def encode_video(vae: WanVAE, video: torch.Tensor, *, manager: memory.MemoryManager | None = None,
+                 callback: ProgressCallback | None = None) -> torch.Tensor:
+    """`vae.encode(video)` placed and tiled like `decode_video` (`budget_for("vae_encode")`)."""
+    vae.check_video(video)
+    s = vae.config.spatial_factor
+    B, _, _, H, W = video.shape
+    return _managed(vae, "vae_encode", vae.encode, video, H // s, W // s, B, True, manager, callback)
+
+
+def _managed(vae: WanVAE, purpose: str, run: Callable, data: torch.Tensor, h: int, w: int, batch: int, encode: bool,
+             manager: memory.MemoryManager | None, callback) -> torch.Tensor:
+    manager = manager or memory.get_manager()
+    whole = vae.working_bytes(h, w, batch=batch, encode=encode)
+    tiles = vae.plan_tiling(h, w, 0, batch=batch, encode=encode)  # the smallest tiles the VAE would use
+    smallest = vae.working_bytes(tiles.height, tiles.width, batch=batch, encode=encode)
+    with manager.use(vae, activation_bytes=smallest) as placement:
+        def step() -> torch.Tensor:
+            budget = manager.budget_for(purpose, wanted=whole) if placement.device == manager.compute_device else None
+            return run(data, memory_budget=budget, callback=callback)
+        return manager.retry_on_oom(step, manager.smaller_work(purpose), what=purpose.replace("_", " "))
 
 
 def _check_frames(frames: int, temporal_factor: int) -> None:

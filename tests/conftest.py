@@ -48,9 +48,11 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fresh_manager():
-    """A memory manager (and model cache) of the test module's own."""
-    from sora import memory
+    """A memory manager and a model cache of the test module's own."""
+    from sora import memory, model_cache
 
     previous = memory.set_manager(memory.MemoryManager())
+    previous_cache = model_cache.set_cache(model_cache.ModelCache())
     yield
     memory.set_manager(previous) if previous is not None else None
+    model_cache.set_cache(previous_cache) if previous_cache is not None else None

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from sora.nodes import frame_conditioning, loaders, sampling, text_encode
 
-from sora import conditioning, dit, runtime, standins
+from sora import conditioning, dit, handle, runtime, standins
 from sora.errors import InputError
 from sora.latent_formats import WAN21
 
@@ -173,8 +173,8 @@ def test_both_experts_get_the_same_36_channels_on_every_call():
     expected = torch.cat([reference_mask({0}, 3)[None, :, :, None, None].expand(1, 4, 3, 4, 8),
                           WAN21.normalize(extras(positive)["concat_latent_image"])], dim=1)
     calls = []
-    hooks = [handle.dit.register_forward_pre_hook(lambda module, args, who=who: calls.append((who, args[0])))
-             for who, handle in (("high", high), ("low", low))]
+    hooks = [expert.model.register_forward_pre_hook(lambda module, args, who=who: calls.append((who, args[0])))
+             for who, expert in (("high", high), ("low", low))]
     try:
         out = run_sampler(high, positive, negative, latent, low, steps=4)
     finally:
@@ -256,12 +256,12 @@ def test_node_errors_name_the_input(change, message):
 
 def test_the_i2v_standins_load_as_the_two_a14b_experts(models):
     high, low = load_dit(HIGH), load_dit(LOW)
-    assert (high.expert, low.expert) == (loaders.HIGH_NOISE, loaders.LOW_NOISE)
-    for handle in (high, low):
-        config = handle.config
+    assert (high.expert, low.expert) == (handle.HIGH_NOISE, handle.LOW_NOISE)
+    for expert in (high, low):
+        config = expert.config
         assert (config.model_type, config.in_dim, config.out_dim, config.head_dim) == ("i2v", 36, 16, 128)
-        assert handle.task == "wan22_i2v_a14b"
-    assert not torch.equal(high.dit.patch_embedding.weight, low.dit.patch_embedding.weight)
+        assert expert.task == "wan22_i2v_a14b"
+    assert not torch.equal(high.model.patch_embedding.weight, low.model.patch_embedding.weight)
     from safetensors import safe_open
     with safe_open(str(models / "diffusion_models" / HIGH), "pt") as f:
         keys = set(f.keys())

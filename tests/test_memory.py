@@ -17,7 +17,8 @@ from sora import memory
 from sora.dit import DiTConfig, WanDiT, load_dit
 from sora.errors import InputError
 from sora.memory import MemoryManager, MemoryOptions
-from sora.text import EncodingCache, TextEncoder
+from sora.model_cache import ModelCache
+from sora.text import EncodingCache, TextEncoder, encode_prompts
 
 CPU = torch.device("cpu")
 
@@ -162,10 +163,12 @@ def test_unregistered_models_and_bad_overrides_give_clear_errors(manager):
         manager.state(nn.Linear(2, 2))
     with pytest.raises(InputError, match="torch modules"):
         manager.register("a model")
-    with pytest.raises(InputError, match="no repeated blocks"):
-        manager.set_blocks_resident(nn.Linear(2, 2), 1)
-    with pytest.raises(InputError, match=r"0\.\.2"):
-        manager.set_blocks_resident(tiny_dit(layers=2), 3)
+    with pytest.raises(InputError, match="no repeated blocks"), manager.use(nn.Linear(2, 2), blocks_resident=1):
+        pass
+    with pytest.raises(InputError, match=r"0\.\.2"), manager.use(tiny_dit(layers=2), blocks_resident=3):
+        pass
+    with pytest.raises(InputError, match="whole number of bytes"), manager.use(nn.Linear(2, 2), budget_bytes=-5):
+        pass
 
 
 def test_a_garbage_collected_model_leaves_the_ledger(manager):
@@ -187,7 +190,7 @@ class TinyEncoder(TextEncoder):
     name, dim, max_length, pad_length, pad_id = "tiny", 8, 16, None, 0
 
     def __init__(self):
-        super().__init__(device="cpu", model=None, cache=EncodingCache())
+        super().__init__(model=None, cache=EncodingCache())
         self.identity = ("tiny",)
         self.loads = 0
 
@@ -196,7 +199,7 @@ class TinyEncoder(TextEncoder):
 
     def _load_model(self):
         self.loads += 1
-        return nn.Embedding(51, self.dim).to(self.device)
+        return nn.Embedding(51, self.dim)
 
     def _run(self, model, ids, mask):
         return model(ids)
@@ -207,21 +210,21 @@ def test_text_encoder_placement_comes_from_the_budget(manager):
     table = 51 * 8 * 4
     activation = 1 * encoder.max_length * encoder.dim * 64
     manager.configure(budget_bytes=table + activation - 1)  # one byte short: runs where it is, in host memory
-    embeds, lengths = memory.encode_text(encoder, ["a red ball"])
+    embeds, lengths = encode_prompts(encoder, ["a red ball"])
     model = encoder.model
     assert manager.state(model).location == "offloaded" and encoder.device == manager.offload_device
     assert torch.equal(embeds[0, :lengths[0]], model(torch.tensor(encoder._tokenize("a red ball"))))
 
     manager.configure(budget_bytes=table + activation)
-    memory.encode_text(encoder, ["a blue cube"])
+    encode_prompts(encoder, ["a blue cube"])
     assert manager.state(model).location == "resident" and encoder.device == manager.compute_device
 
 
 def test_cached_prompts_need_no_model(manager):
     encoder = TinyEncoder()
-    first, _ = memory.encode_text(encoder, ["a red ball"])
+    first, _ = encode_prompts(encoder, ["a red ball"])
     encoder.unload()
-    again, _ = memory.encode_text(encoder, ["a red ball"])
+    again, _ = encode_prompts(encoder, ["a red ball"])
     assert not encoder.loaded and encoder.loads == 1
     assert torch.equal(first, again)
 
@@ -285,26 +288,28 @@ def dit_file(tmp_path):
 
 
 def test_loaders_get_the_same_object_for_the_same_file_and_options(manager, dit_file):
-    first = manager.load(load_dit, dit_file, compute_dtype=torch.float32)
-    assert manager.load(load_dit, dit_file, compute_dtype=torch.float32) is first
-    other = manager.load(load_dit, dit_file, compute_dtype=torch.bfloat16)
+    cache = ModelCache()
+    first = cache.load(load_dit, dit_file, compute_dtype=torch.float32)
+    assert cache.load(load_dit, dit_file, compute_dtype=torch.float32) is first
+    other = cache.load(load_dit, dit_file, compute_dtype=torch.bfloat16)
     assert other is not first and other.compute_dtype == torch.bfloat16
     assert manager.state(first).location == "offloaded"  # registered on load, placed on first use
 
     stat = dit_file.stat()
     os.utime(dit_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed: load it again
-    reloaded = manager.load(load_dit, dit_file, compute_dtype=torch.float32)
+    reloaded = cache.load(load_dit, dit_file, compute_dtype=torch.float32)
     assert reloaded is not first
 
 
 def test_the_cache_forgets_least_recently_used_models_past_its_limit(manager, dit_file):
-    one = manager.load(load_dit, dit_file, compute_dtype=torch.float32)
-    manager.configure(budget_bytes=None, cache_bytes=int(1.5 * sum(p.numel() * 4 for p in one.parameters())))
-    two = manager.load(load_dit, dit_file, compute_dtype=torch.bfloat16)  # both do not fit: `one` is forgotten
-    assert manager.load(load_dit, dit_file, compute_dtype=torch.bfloat16) is two
-    assert manager.load(load_dit, dit_file, compute_dtype=torch.float32) is not one
+    probe = load_dit(dit_file, compute_dtype=torch.float32)
+    cache = ModelCache(max_bytes=int(1.5 * sum(p.numel() * 4 for p in probe.parameters())))
+    one = cache.load(load_dit, dit_file, compute_dtype=torch.float32)
+    two = cache.load(load_dit, dit_file, compute_dtype=torch.bfloat16)  # both do not fit: `one` is forgotten
+    assert len(cache) == 1 and cache.load(load_dit, dit_file, compute_dtype=torch.bfloat16) is two
+    assert cache.load(load_dit, dit_file, compute_dtype=torch.float32) is not one
 
 
 def test_unhashable_loader_options_are_refused(manager, dit_file):
     with pytest.raises(InputError, match="plain values"):
-        manager.load(load_dit, dit_file, compute_dtype=[torch.float32])
+        ModelCache().load(load_dit, dit_file, compute_dtype=[torch.float32])

@@ -10,7 +10,7 @@ from torch import nn
 from sora import memory, samplers
 from sora.memory import MemoryManager, MemoryOptions
 from sora.streaming import module_bytes
-from sora.vae import VAEConfig, WanVAE
+from sora.vae import VAEConfig, WanVAE, decode_video
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_then_guidance_runs_as_two_forwards(manager, dit, caplog):
         out = run(dit, batched=True)
     assert torch.equal(out, reference)
     assert torch.allclose(out, run(dit, batched=True), atol=1e-5)  # and the batched run agrees
-    assert "two forwards" in caplog.text and "sampling step 1" in caplog.text
+    assert "separate forwards" in caplog.text and "sampling step 1" in caplog.text
 
 
 def test_then_more_blocks_stream(manager, dit, caplog):
@@ -108,9 +108,9 @@ def test_vae_decode_retries_with_smaller_tiles(manager):
     manager.configure(budget_bytes=module_bytes(vae) + free)
     assert vae.plan_tiling(12, 12, free) is None and vae.plan_tiling(12, 12, free // 2) is not None
 
-    assert torch.equal(memory.decode_video(vae, latent), vae.decode(latent))  # fits: one tile
+    assert torch.equal(decode_video(vae, latent), vae.decode(latent))  # fits: one tile
     injected = inject_oom(vae.decoder, times=1)
-    out = memory.decode_video(vae, latent)
+    out = decode_video(vae, latent)
     assert injected["raised"] == 1
     assert torch.equal(out, vae.decode(latent, memory_budget=int(free * 0.5)))  # tiled with half the room
     assert not torch.equal(out, vae.decode(latent))
@@ -138,10 +138,16 @@ def test_settings_set_again_unchanged_keep_what_an_error_taught(manager, dit):
     inject_oom(dit.blocks[1], times=1)
     run(dit, guidance=1.0)
     assert manager.state(dit).blocks_resident == 3
-    manager.set_blocks_resident(dit, None)  # what a node sets before every run
+    with manager.use(dit, blocks_resident=None):  # what every sampling step of a handle without options sets
+        pass
     manager.configure(budget_bytes=None)
     run(dit, guidance=1.0)
     assert manager.state(dit).blocks_resident == 3  # no new out-of-memory error needed to find it again
+    with manager.use(dit, budget_bytes=10**9):  # a budget for one run (Sora Memory Options) forgets nothing either
+        assert manager.budget() == 10**9
+    assert manager.budget() is None
+    run(dit, guidance=1.0)
+    assert manager.state(dit).blocks_resident == 3
     manager.configure(budget_bytes=10**9)  # a real change starts afresh
     run(dit, guidance=1.0)
     assert manager.state(dit).location == "resident"

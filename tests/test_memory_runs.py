@@ -1,10 +1,9 @@
 """Repeated runs do not grow memory: ten runs of a load -> sample -> decode workflow keep the process's resident
 memory (RSS) within 3% of the second run, while a loader without the cache visibly leaks under the same measurement.
 
-The real nodes do not exist yet, so the workflow is made of small V1 node classes defined here that do what the
-loader, sampler and decode nodes will do: load through `MemoryManager.load` (the model cache), sample with
-`sora.samplers.sample` (the DiT streamed under a budget), decode with `sora.memory.decode_video` (the idle DiT
-leaves the device to make room). The graph runs through the headless runner (`sora.workflow.execute`).
+The workflow is made of small V1 node classes defined here that do what the loader, sampler and decode nodes do:
+load through `sora.model_cache.load`, sample with `sora.samplers.sample` (the DiT streamed under a budget), decode
+with `sora.vae.decode_video` (the idle DiT leaves the device to make room). The graph runs through the headless runner (`sora.workflow.execute`).
 """
 import gc
 import os
@@ -15,11 +14,11 @@ import torch
 from safetensors.torch import save_file
 from test_memory import one_thread, tiny_dit  # noqa: F401 (one_thread: an autouse fixture)
 
-from sora import memory, samplers
+from sora import memory, model_cache, samplers
 from sora.dit import load_dit
 from sora.memory import MemoryManager, MemoryOptions
 from sora.streaming import module_bytes
-from sora.vae import VAEConfig, WanVAE, load_vae
+from sora.vae import VAEConfig, WanVAE, decode_video, load_vae
 from sora.workflow import execute
 
 STATM = Path("/proc/self/statm")
@@ -41,7 +40,7 @@ class DiTLoader:
         return {"required": {"path": ("STRING", {})}}
 
     def load(self, path):
-        return (memory.get_manager().load(load_dit, path, compute_dtype=torch.float32),)
+        return (model_cache.load(load_dit, path, compute_dtype=torch.float32),)
 
 
 class LeakyDiTLoader(DiTLoader):
@@ -60,7 +59,7 @@ class VAELoader:
         return {"required": {"path": ("STRING", {})}}
 
     def load(self, path):
-        return (memory.get_manager().load(load_vae, path),)
+        return (model_cache.load(load_vae, path),)
 
 
 class Sampler:
@@ -87,7 +86,7 @@ class Decode:
         return {"required": {"vae": ("SORA_VAE",), "latent": ("LATENT",)}}
 
     def decode(self, vae, latent):
-        return (memory.decode_video(vae, latent["samples"]),)
+        return (decode_video(vae, latent["samples"]),)
 
 
 class Output:
@@ -130,9 +129,11 @@ def manager(files):
     """The process's manager with a budget of 75% of the DiT: it streams, and leaves the device for the decode."""
     fresh = MemoryManager(MemoryOptions(compute_device="cpu", budget_bytes=int(0.75 * files[2])))
     previous = memory.set_manager(fresh)
+    previous_cache = model_cache.set_cache(model_cache.ModelCache())
     yield fresh
     fresh.close()
     memory.set_manager(previous)
+    model_cache.set_cache(previous_cache)
     LEAKED.clear()
     PLACEMENTS.clear()
 
@@ -145,7 +146,7 @@ def test_ten_runs_keep_resident_memory_within_3_percent_of_the_second(manager, f
         result = execute(graph(dit_path, vae_path), NODES)
         means.append(result.outputs["5"]["mean"][0])
         sizes.append(rss())
-    dit = manager.load(load_dit, dit_path, compute_dtype=torch.float32)
+    dit = model_cache.load(load_dit, dit_path, compute_dtype=torch.float32)
     assert manager.state(dit).location == "offloaded"  # it made room for the decode...
     assert [p.location for p in PLACEMENTS] == ["streamed"] * 10  # ...and came back, streamed, for each run
     assert manager.peak_placed_bytes <= manager.budget()

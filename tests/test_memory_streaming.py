@@ -10,7 +10,8 @@ from torch.utils._pytree import tree_map_only
 
 from sora import memory
 from sora.dit import DiTConfig, WanDiT
-from sora.memory import MemoryManager, MemoryOptions, dit_activation_bytes
+from sora.dit import dit_activation_bytes
+from sora.memory import MemoryManager, MemoryOptions
 from sora.streaming import module_bytes
 
 
@@ -38,6 +39,12 @@ def hand_plan(model, budget, activation):
     return max(r for r in range(len(model.blocks) - 1) if fixed + (r + 2) * block + activation <= budget)
 
 
+def keep_resident(manager, model, blocks):
+    """Set the blocks-resident override the way a model handle does on every call."""
+    with manager.use(model, blocks_resident=blocks):
+        pass
+
+
 @pytest.mark.parametrize("per_token", [False, True])
 def test_most_blocks_streamed_gives_bitwise_the_resident_output(manager, per_token):
     model = tiny_dit(layers=8)
@@ -47,7 +54,7 @@ def test_most_blocks_streamed_gives_bitwise_the_resident_output(manager, per_tok
 
     block = module_bytes(model.blocks[0])
     fixed = module_bytes(model) - 8 * block
-    activation = memory.dit_call_activation_bytes(model, (x, t, context), {})
+    activation = model.activation_bytes((x, t, context), {})
     budget = fixed + 4 * block + activation  # room for 2 resident blocks and the 2-block window
     manager.configure(budget_bytes=budget)
     manager.register(model)
@@ -70,7 +77,7 @@ def test_manual_override_of_blocks_resident(manager, resident):
     model = tiny_dit(layers=6)
     x, t, context = inputs(batch=2)
     reference = model(x, t, context)
-    manager.set_blocks_resident(model, resident)  # wins over the (unlimited) budget
+    keep_resident(manager, model, resident)  # wins over the (unlimited) budget
     assert torch.equal(model(x, t, context), reference)
     expected = "resident" if resident == 6 else "streamed"
     assert manager.state(model).location == expected and manager.state(model).blocks_resident == resident
@@ -79,7 +86,7 @@ def test_manual_override_of_blocks_resident(manager, resident):
 def test_streamed_blocks_run_on_a_fresh_copy_of_their_weights(manager):
     model = tiny_dit(layers=4)
     stored = model.blocks[3].ffn[0].weight.data_ptr()
-    manager.set_blocks_resident(model, 1)
+    keep_resident(manager, model, 1)
     model(*inputs())  # streaming starts with the first call
     seen = []
     model.blocks[3].register_forward_pre_hook(lambda block, args: seen.append(
@@ -103,9 +110,9 @@ def test_streaming_more_shrinks_the_plan_and_keeps_the_output(manager):
     model = tiny_dit(layers=6)
     x, t, context = inputs()
     reference = model(x, t, context)
-    manager.set_blocks_resident(model, 4)
+    keep_resident(manager, model, 4)
     model(x, t, context)
-    manager.set_blocks_resident(model, 1)  # settings change: re-planned at the next call
+    keep_resident(manager, model, 1)  # settings change: re-planned at the next call
     assert torch.equal(model(x, t, context), reference)
     assert manager.state(model).blocks_resident == 1
 
@@ -153,7 +160,7 @@ def test_activation_estimate_bounds_the_measured_peak(dim, ffn_dim, heads, dtype
                                                                     context)}
     with torch.no_grad(), LiveBytes(existing) as live:
         model(x, t, context)
-    estimate = memory.dit_call_activation_bytes(model, (x, t, context), {})
+    estimate = model.activation_bytes((x, t, context), {})
     assert live.peak <= estimate <= 1.25 * live.peak
 
 

@@ -116,11 +116,10 @@ def test_seeds_get_the_editors_control_after_generate():
 class FakeModel:
     """What SORA_DIT carries, without weights: enough for the empty latent node's checks."""
     def __init__(self, latent_format="wan21"):
-        from sora.nodes._handles import DiffusionModel
-
         from sora.dit import PRESETS
+        from sora.handle import ModelHandle
         config = PRESETS["wan22_ti2v_5b" if latent_format == "wan22" else "wan21_t2v_1_3b"]
-        self.handle = DiffusionModel(type("Dit", (), {"config": config})(), "fake.safetensors")
+        self.handle = ModelHandle(type("Dit", (), {"config": config})(), "fake.safetensors")
 
 
 @pytest.mark.parametrize("inputs, message", [

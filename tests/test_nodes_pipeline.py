@@ -16,9 +16,9 @@ from sora.nodes import (
     text_encode,
     vae_codec,
 )
-from sora.nodes._handles import HIGH_NOISE, LOW_NOISE, SINGLE
+from sora.handle import HIGH_NOISE, LOW_NOISE, SINGLE, MemorySettings
 
-from sora import memory, runtime, schedules, standins, text
+from sora import memory, model_cache, runtime, schedules, standins, text
 from sora.errors import CheckpointError, InputError, Interrupted
 
 pytestmark = pytest.mark.usefixtures("fresh_manager")  # a memory manager of this module's own
@@ -82,11 +82,11 @@ def test_dropdowns_list_the_model_folders_with_the_embedded_models_first():
 
 def test_the_same_file_and_options_give_the_same_model_object():
     first, again = load_dit(), load_dit()
-    assert first.dit is again.dit
+    assert first.model is again.model
     fp8 = load_dit(weight_dtype="fp8_e4m3fn")
-    assert fp8.dit is not first.dit
-    assert fp8.dit.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
-    assert first.dit.blocks[0].self_attn.q.weight.dtype == torch.bfloat16  # as stored in the file
+    assert fp8.model is not first.model
+    assert fp8.model.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+    assert first.model.blocks[0].self_attn.q.weight.dtype == torch.bfloat16  # as stored in the file
     assert load_encoder() is load_encoder() and load_vae() is load_vae()
 
 
@@ -206,8 +206,8 @@ def test_sampler_errors_name_the_input():
         sample(model, empty(load_dit(WAN22)))
     with pytest.raises(InputError, match=r"^Sora Sampler: input 'negative': CONDITIONING must be a non-empty list"):
         sample(model, empty(model), positive=encode()[0], negative=[])
-    i2v = dataclasses.replace(model, dit=type("Dit", (), {"config": dataclasses.replace(model.config, in_dim=36,
-                                                                                          model_type="i2v")})())
+    i2v = dataclasses.replace(model, model=type("Dit", (), {"config": dataclasses.replace(model.config, in_dim=36,
+                                                                                            model_type="i2v")})())
     with pytest.raises(InputError, match=r"^Sora Sampler: input 'model' = .* is a Wan image-to-video model \(36 "):
         sample(i2v, empty(model))
 
@@ -349,8 +349,8 @@ def test_wan_expansion_with_a_chat_model_from_the_llm_folder(tiny_chat):
     assert first == expand("a cat surfing", "wan", tiny_chat, seed=3, max_length=60)["result"][0]
     assert first != expand("a cat surfing", "wan", tiny_chat, seed=4, max_length=60)["result"][0]
     assert 0 < len(first) <= 60
-    cached = memory.get_manager().load(prompt_expansion.sora.prompt_expansion.ChatModel,
-                                       runtime.model_folders("LLM")[0] / tiny_chat, device=torch.device("cpu"))
+    cached = model_cache.load(prompt_expansion.sora.prompt_expansion.ChatModel,
+                              runtime.model_folders("LLM")[0] / tiny_chat, device=torch.device("cpu"))
     assert not cached.is_loaded  # released after use
 
 
@@ -368,17 +368,17 @@ def test_memory_options_stream_blocks_without_changing_the_result():
     from sora.nodes.memory_options import SoraMemoryOptions
     model = load_dit()
     (streamed,) = SoraMemoryOptions().apply(model, 0.5, 0)
-    assert (streamed.blocks_resident, streamed.budget_bytes) == (0, 2**29)
-    assert (model.blocks_resident, model.budget_bytes) == (None, None) and streamed.dit is model.dit  # input kept
+    assert (streamed.memory.blocks_resident, streamed.memory.budget_bytes) == (0, 2**29)
+    assert model.memory == MemorySettings() and streamed.model is model.model  # the input handle is kept
     manager = memory.get_manager()
     automatic = sample(model, empty(model))["samples"]
-    assert manager.state(model.dit).blocks_resident == model.config.num_layers
+    assert manager.state(model.model).blocks_resident == model.config.num_layers
     with_options = sample(streamed, empty(model))["samples"]
-    assert manager.state(model.dit).blocks_resident == 0  # every block streamed during the run
+    assert manager.state(model.model).blocks_resident == 0  # every block streamed during the run
     assert manager.options.budget_bytes is None  # the budget applied to that run only
     assert torch.equal(automatic, with_options)
     sample(model, empty(model))  # the same cached model through a handle without options: automatic again
-    assert manager.state(model.dit).blocks_resident == model.config.num_layers
+    assert manager.state(model.model).blocks_resident == model.config.num_layers
     with pytest.raises(InputError, match=r"^Sora Memory Options: input 'blocks_resident' = 3 is more than the 2 "
                                          r"blocks of wan2.1_t2v_1.3B_bf16.safetensors"):
         SoraMemoryOptions().apply(model, 0.0, 3)

@@ -7,8 +7,8 @@ triangle in a named colour moving in a named direction on a plain background (`d
 direction back from a clip. `train_vae` and `train_dit` are the training scripts; `weights/` holds the shipped
 files and their model card.
 
-Importing this package registers what the sampler and nodes need for the embedded model: the latent format
-"nano" (per-channel statistics stored in the shipped VAE file) and the sampling defaults "nano".
+The latent format "nano" (per-channel statistics stored in the shipped VAE file) is read when it is first asked
+for (`sora.latent_formats.format_of`); the sampling defaults are `sora.schedules.DEFAULTS["nano"]`.
 """
 from __future__ import annotations
 
@@ -17,15 +17,15 @@ from pathlib import Path
 
 from ..checkpoints import read_metadata
 from ..errors import CheckpointError
-from ..latent_formats import FORMATS, LatentFormat, register
-from ..schedules import TaskDefaults, register_defaults
+from ..latent_formats import LatentFormat
+from ..schedules import DEFAULTS as TASK_DEFAULTS
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 DIT_FILE = WEIGHTS / "nano_dit.safetensors"
 VAE_FILE = WEIGHTS / "nano_vae.safetensors"
 
 # The settings the model was trained and measured with (see weights/MODEL_CARD.md): 64x64, 33 frames.
-DEFAULTS = TaskDefaults(steps=20, shift=3.0, guidance=5.0, frames=33, fps=16)
+DEFAULTS = TASK_DEFAULTS["nano"]
 WIDTH = HEIGHT = 64
 
 
@@ -67,6 +67,6 @@ def latent_format_metadata(fmt: LatentFormat) -> dict[str, str]:
     return {"sora.latent_stats": json.dumps(stats)}
 
 
-register_defaults("nano", DEFAULTS)
-if VAE_FILE.is_file() and "nano" not in FORMATS:
-    register(latent_format_from_metadata(read_metadata(VAE_FILE)))
+def shipped_latent_format() -> LatentFormat:
+    """The "nano" latent format of the shipped VAE."""
+    return latent_format_from_metadata(read_metadata(vae_path()))
