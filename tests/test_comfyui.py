@@ -279,3 +279,45 @@ def test_core_nodes_and_ours_connect_both_ways(server, tmp_path):
     query = urllib.parse.urlencode({"filename": file["filename"], "subfolder": file["subfolder"], "type": "output"})
     (tmp_path / "core.mp4").write_bytes(server.get(f"/view?{query}"))
     assert probe(tmp_path / "core.mp4") == (9, 64, 32, 16)
+
+
+def saved_latent(server, entry, node_id: str, tmp_path):
+    """The latent core's SaveLatent wrote for `node_id`, fetched through /view."""
+    from safetensors.torch import load_file
+    file = entry["outputs"][node_id]["latents"][0]
+    query = urllib.parse.urlencode({"filename": file["filename"], "subfolder": file["subfolder"], "type": "output"})
+    path = tmp_path / file["filename"]
+    path.write_bytes(server.get(f"/view?{query}"))
+    return load_file(str(path))["latent_tensor"]
+
+
+def test_core_samplers_drive_sora_sampler(server, tmp_path):
+    """KSamplerSelect's SAMPLER replaces sampler_name: core's euler gives our euler's latent, and core's other
+    samplers (lcm, res_multistep, er_sde, a CFG++ one) run our model; a ConditioningCombine positive runs too."""
+    import torch
+
+    latents = {}
+    for name in ("ours", "euler", "lcm", "res_multistep", "er_sde", "euler_cfg_pp"):
+        prompt = shrunk("wan21_t2v_1.3B", {})
+        by_class = {n["class_type"]: i for i, n in prompt.items()}
+        sampler = prompt[by_class["SoraSampler"]]["inputs"]
+        sampler["sampler_name"] = "euler"
+        if name != "ours":
+            prompt["90"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": name}}
+            sampler["sampler"] = ["90", 0]
+        prompt["91"] = {"class_type": "SaveLatent", "inputs": {"samples": [by_class["SoraSampler"], 0],
+                                                               "filename_prefix": f"latents/{name}"}}
+        entry = server.run(prompt)
+        assert entry["status"]["status_str"] == "success", (name, json.dumps(entry["status"]["messages"])[-3000:])
+        latents[name] = saved_latent(server, entry, "91", tmp_path)
+        assert torch.isfinite(latents[name]).all(), name
+    torch.testing.assert_close(latents["euler"], latents["ours"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(latents["lcm"], latents["ours"], atol=1e-3)  # a different sampler, really used
+
+    prompt = shrunk("wan21_t2v_1.3B", {})
+    by_class = {n["class_type"]: i for i, n in prompt.items()}
+    prompt["92"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": [by_class["SoraTextEncode"], 0],
+                                                                    "conditioning_2": [by_class["SoraTextEncode"], 1]}}
+    prompt[by_class["SoraSampler"]]["inputs"]["positive"] = ["92", 0]
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[-3000:]
