@@ -4,11 +4,12 @@
 
 Float32 on the CPU (CUDA when present, unless --device says otherwise). Both models share one set of random
 weights: diffusers' state dict is renamed with our conversion table and assigned into ours. For every config the
-two forwards run back to back (alternating which goes first), repeatedly, after a warm-up. Times are medians; the ratio is the median of the
-ratios of back-to-back pairs, so that load from other processes on a shared machine, which drifts over seconds,
-hits both sides of a ratio alike. Peak memory is what a forward adds on top of the weights: CUDA's allocator
-peak, or on the CPU the process' resident high-water mark (reset through /proc/self/clear_refs, with large
-allocations forced onto mmap so that freed memory leaves the process and each forward's own peak shows).
+two forwards run back to back (alternating which goes first), repeatedly, after a warm-up. Times are medians; the
+ratio is the median of the ratios of back-to-back pairs, so that load from other processes on a shared machine,
+which drifts over seconds, hits both sides of a ratio alike. Peak memory is what a forward adds on top of the
+weights: CUDA's allocator peak, or on the CPU the process' resident high-water mark (reset through
+/proc/self/clear_refs, with large allocations forced onto mmap so that freed memory leaves the process and each
+forward's own peak shows).
 
 The last line reads `dit_forward: max_ratio=R max_rel_err=E` (R: the largest ratio ours / diffusers over the
 configs; E: the largest max |ours - diffusers| / max |diffusers|).

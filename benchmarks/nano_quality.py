@@ -89,7 +89,7 @@ def main() -> None:
     print(f"extension ({EXTEND_BASE_FRAMES} frames + {4 * EXTEND_NEW} new, conditioned on {EXTEND_OVERLAP} latent "
           "frames):")
     continued = 0
-    for i, (color, direction, caption, seed) in enumerate(all_cases):
+    for i, (_, _, caption, seed) in enumerate(all_cases):
         clip = pipe.text_to_latent([caption], seed, frames=EXTEND_BASE_FRAMES)
         joined = pipe.extend_latent(clip, [caption], seed + 1000, EXTEND_OVERLAP, EXTEND_NEW)
         video = pipe.decode(joined)[0]

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from ._sora import sora
 
 ROOT = "sora"  # our category tree in the node menu: sora/loaders, sora/sampling, ...
-TEMPORAL = 4  # video frames per latent frame after the first, in every Wan-family VAE (and nano's)
 
 
 def category(branch: str) -> str:
@@ -46,23 +45,33 @@ def about(node: type, name: str) -> Iterator[None]:
         raise type(e)(f"{node.DISPLAY_NAME}: input '{name}': {e}") from e
 
 
-def frames_on_grid(node: type, name: str, frames: int) -> int:
-    """Latent frames of a clip of `frames` video frames, which must be 1 + 4k."""
-    if frames < 1 or (frames - 1) % TEMPORAL:
-        below = 1 + max(frames - 1, 0) // TEMPORAL * TEMPORAL
-        hint = f"use {below} or {below + TEMPORAL}" if below != frames else f"use {below + TEMPORAL}"
-        raise input_error(node, name, frames, f"is not 1+{TEMPORAL}k (the VAE's causal frame grid); {hint}")
-    return (frames - 1) // TEMPORAL + 1
+def frames_on_grid(node: type, name: str, frames: int, temporal: int) -> int:
+    """Latent frames of a clip of `frames` video frames, which must be 1 + temporal·k (`temporal`: the VAE's video
+    frames per latent frame)."""
+    if frames < 1 or (frames - 1) % temporal:
+        below = 1 + max(frames - 1, 0) // temporal * temporal
+        hint = f"use {below} or {below + temporal}" if below != frames else f"use {below + temporal}"
+        raise input_error(node, name, frames, f"is not 1+{temporal}k (the VAE's causal frame grid); {hint}")
+    return (frames - 1) // temporal + 1
 
 
-def whole_latent_frames(node: type, name: str, frames: int) -> int:
-    """Latent frames of `frames` video frames that continue a clip, which must be a positive multiple of 4."""
-    if frames < TEMPORAL or frames % TEMPORAL:
-        below = frames // TEMPORAL * TEMPORAL
-        hint = f"use {below} or {below + TEMPORAL}" if below else f"use {TEMPORAL}"
-        raise input_error(node, name, frames, f"is not a multiple of {TEMPORAL} (one latent frame holds "
-                                              f"{TEMPORAL} video frames); {hint}")
-    return frames // TEMPORAL
+def whole_latent_frames(node: type, name: str, frames: int, temporal: int) -> int:
+    """Latent frames of `frames` video frames that continue a clip, which must be a positive multiple of
+    `temporal`."""
+    if frames < temporal or frames % temporal:
+        below = frames // temporal * temporal
+        hint = f"use {below} or {below + temporal}" if below else f"use {temporal}"
+        raise input_error(node, name, frames, f"is not a multiple of {temporal} (one latent frame holds "
+                                              f"{temporal} video frames); {hint}")
+    return frames // temporal
+
+
+def size_on_grid(node: type, name: str, size: int, grid: int, why: str) -> None:
+    """Refuse a width or height that is not a multiple of `grid` pixels (`why`: where the grid comes from)."""
+    if size % grid:
+        below = size // grid * grid
+        hint = f"{below} or {below + grid}" if below else f"{grid}"
+        raise input_error(node, name, size, f"is not a multiple of {grid} ({why}); use {hint}")
 
 
 def latent_samples(node: type, name: str, latent) -> object:

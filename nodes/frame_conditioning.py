@@ -21,6 +21,7 @@ from ._common import (
     input_error,
     latent_samples,
     mappings,
+    size_on_grid,
     whole_latent_frames,
 )
 from ._handles import VAE
@@ -39,14 +40,18 @@ NEW_FRAMES = ("INT", {"default": 64, "min": 4, "max": 4096, "step": 4,
 def _condition(node: type, build, clips: dict, overlap_frames: int, new_frames: int) -> tuple[dict]:
     """Run a `sora.conditioning` builder on the clips' samples with the counts in latent frames."""
     samples = {name: latent_samples(node, name, latent) for name, latent in clips.items()}
-    overlap = whole_latent_frames(node, "overlap_frames", overlap_frames)
-    new = whole_latent_frames(node, "new_frames", new_frames)
+    first = next(iter(clips))
+    with about(node, first):
+        temporal = sora.latent_formats.temporal_factor(samples[first].shape[1])
+    overlap = whole_latent_frames(node, "overlap_frames", overlap_frames, temporal)
+    new = whole_latent_frames(node, "new_frames", new_frames, temporal)
     for name, clip in samples.items():
         if overlap > clip.shape[2]:
             raise input_error(node, "overlap_frames", overlap_frames,
                               f"needs {overlap} latent frames but '{name}' has only {clip.shape[2]} "
-                              f"({4 * clip.shape[2] - 3} video frames); use at most {4 * clip.shape[2]}")
-    with about(node, next(iter(clips))):
+                              f"({temporal * (clip.shape[2] - 1) + 1} video frames); use at most "
+                              f"{temporal * clip.shape[2]}")
+    with about(node, first):
         return (build(*samples.values(), overlap, new),)
 
 
@@ -144,11 +149,13 @@ class SoraImageToVideo:
 
     def condition(self, start, frames):
         samples = latent_samples(type(self), "start", start)
-        latent_frames = frames_on_grid(type(self), "frames", frames)
+        with about(type(self), "start"):
+            temporal = sora.latent_formats.temporal_factor(samples.shape[1])
+        latent_frames = frames_on_grid(type(self), "frames", frames, temporal)
         if latent_frames <= samples.shape[2]:
             raise input_error(type(self), "frames", frames,
                               f"leaves nothing to generate after the {samples.shape[2]} given latent frame(s); use "
-                              f"at least {4 * samples.shape[2] + 1}")
+                              f"at least {temporal * samples.shape[2] + 1}")
         with about(type(self), "start"):
             return (sora.conditioning.image_to_video(samples, latent_frames),)
 
@@ -192,21 +199,17 @@ class SoraWanImageToVideo:
 
     def condition(self, positive, negative, vae, start_image, width, height, frames, batch, end_image=None):
         node = type(self)
-        latent_frames = frames_on_grid(node, "frames", frames)
+        latent_frames = frames_on_grid(node, "frames", frames, vae.config.temporal_factor)
         s = vae.config.spatial_factor
-        grid = 2 * s  # VAE compression times the DiT's 2x2 patch
+        patch = sora.dit.WAN_PATCH[1]  # the Wan image-to-video DiTs this feeds
         for name, size in (("width", width), ("height", height)):
-            if size % grid:
-                below = size // grid * grid
-                hint = f"{below} or {below + grid}" if below else f"{grid}"
-                raise input_error(node, name, size, f"is not a multiple of {grid} ({s}x VAE compression, 2x2 "
-                                                    f"patches); use {hint}")
+            size_on_grid(node, name, size, s * patch, f"{s}x VAE compression, {patch}x{patch} patches")
         clips = {}
         for name, image in (("start_image", start_image), ("end_image", end_image)):
             if image is not None:
                 with about(node, name):
                     sora.video_io.check_frames(image, name)
-                clips[name] = image.permute(3, 0, 1, 2)[None].float() * 2.0 - 1.0  # [1, 3, N, H, W] in -1..1
+                clips[name] = sora.video_io.frames_to_clip(image)
         with about(node, "frames"):
             video, known = sora.conditioning.wan_i2v_video(frames, height, width, clips["start_image"],
                                                            clips.get("end_image"))
@@ -276,7 +279,9 @@ class SoraJoinClips:
         parts = {name: p for name, p in (("part_1", part_1), ("part_2", part_2), ("part_3", part_3),
                                          ("part_4", part_4)) if p is not None}
         samples = [latent_samples(node, name, p) for name, p in parts.items()]
-        overlap = whole_latent_frames(node, "overlap_frames", overlap_frames)
+        with about(node, "part_1"):
+            temporal = sora.latent_formats.temporal_factor(samples[0].shape[1])
+        overlap = whole_latent_frames(node, "overlap_frames", overlap_frames, temporal)
         with about(node, "part_2"):
             return ({"samples": sora.conditioning.join(samples, overlap, loop=loop)},)
 

@@ -3,8 +3,8 @@
 Files come from ComfyUI's model folders (`diffusion_models`, `text_encoders`, `vae`) inside ComfyUI and from
 `--models-dir DIR/<folder>/` headless (both through `sora.runtime`); the optional `path` input takes any file
 instead. The embedded models ("nano (embedded)", "minilm (embedded)") need no file and are the defaults. Loaded
-models are kept by the model cache (`sora.model_cache`): the same file with the same options gives the same object on the
-next run, so repeated runs neither reload nor grow memory.
+models are kept by the model cache (`sora.model_cache`): the same file with the same options gives the same object
+on the next run, so repeated runs neither reload nor grow memory.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ headless) stops the run between two steps.
 """
 from __future__ import annotations
 
+from ._comfy_sampler import core_sampler
 from ._common import (
     Described,
     about,
@@ -19,8 +20,8 @@ from ._common import (
     input_error,
     latent_samples,
     mappings,
+    size_on_grid,
 )
-from ._comfy_sampler import core_sampler
 from ._handles import DIT
 from ._sora import sora
 
@@ -98,14 +99,11 @@ class SoraEmptyLatentVideo:
         import torch
 
         fmt = model.latent_format
-        grid = fmt.spatial * model.config.patch_size[1]
-        for name, size in (("width", width), ("height", height)):
-            if size % grid:
-                below = size // grid * grid
-                hint = f"{below} or {below + grid}" if below else f"{grid}"
-                raise input_error(type(self), name, size, f"is not a multiple of {grid} ({model.name}: "
-                                                          f"{fmt.spatial}x VAE compression, 2x2 patches); use {hint}")
-        latent_frames = frames_on_grid(type(self), "frames", frames)
+        _, ph, pw = model.config.patch_size
+        for name, size, patch in (("width", width, pw), ("height", height, ph)):
+            size_on_grid(type(self), name, size, fmt.spatial * patch,
+                         f"{model.name}: {fmt.spatial}x VAE compression, {ph}x{pw} patches")
+        latent_frames = frames_on_grid(type(self), "frames", frames, fmt.temporal)
         samples = torch.zeros(batch, fmt.channels, latent_frames, height // fmt.spatial, width // fmt.spatial)
         return ({"samples": samples},)
 

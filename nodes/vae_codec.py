@@ -84,10 +84,7 @@ class SoraVAEDecode:
         samples = latent_samples(type(self), "latent", latent)
         with about(type(self), "latent"):
             video = _run(type(self), vae, samples, tiling, tile_size, tile_overlap, encode=False, what="decoding")
-        B, _, F, H, W = video.shape
-        # [B, 3, F, H, W] in -1..1 -> IMAGE [B*F, H, W, 3] in 0..1
-        frames = video.permute(0, 2, 3, 4, 1).reshape(B * F, H, W, 3)
-        return ((frames + 1.0) / 2.0,)
+        return (sora.video_io.clip_to_frames(video),)
 
 
 class SoraVAEEncode:
@@ -110,7 +107,7 @@ class SoraVAEEncode:
     def encode(self, vae, image, tiling, tile_size, tile_overlap):
         with about(type(self), "image"):
             sora.video_io.check_frames(image, "image")
-            video = image.permute(3, 0, 1, 2)[None].float() * 2.0 - 1.0  # [1, 3, F, H, W] in -1..1
+            video = sora.video_io.frames_to_clip(image)
             vae.check_video(video)
             samples = _run(type(self), vae, video, tiling, tile_size, tile_overlap, encode=True, what="encoding")
         return ({"samples": samples},)

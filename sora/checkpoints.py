@@ -133,6 +133,50 @@ def load_state_dict(path: str | Path) -> StateDict:
                           f"use one of {SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES}")
 
 
+# What a checkpoint holds, told by a fragment of its key names; the first match wins, so the specific come first.
+_DIT = "a Wan diffusion model (the diffusion transformer, DiT); load it with Sora Load Diffusion Model"
+_VAE = "a Wan video VAE; load it with Sora Load VAE"
+_T5 = "a T5 / umT5 text encoder; load it with Sora Load Text Encoder"
+FILE_KINDS = (
+    (".lora_down.", "a LoRA; load it with Sora Load LoRA"),
+    (".lora_A.", "a LoRA; load it with Sora Load LoRA"),
+    ("lora_unet_", "a LoRA; load it with Sora Load LoRA"),
+    ("vision_model.", "a CLIP vision encoder; load it with Sora Load CLIP Vision"),
+    ("visual.transformer.", "a CLIP vision encoder; load it with Sora Load CLIP Vision"),
+    ("text_model.encoder.", "a CLIP text encoder, which Wan does not use"),
+    ("head.modulation", _DIT),
+    ("condition_embedder.", _DIT),
+    ("blocks.0.self_attn.q.weight", _DIT),
+    ("decoder.middle.0.residual.", _VAE),
+    ("decoder.conv1.", _VAE),
+    ("encoder.downsamples.", _VAE),
+    ("decoder.mid_block.", _VAE),
+    ("decoder.mid.block_1.", "an image VAE (Stable Diffusion / Flux layout), not the Wan video VAE"),
+    ("SelfAttention.q.weight", _T5),
+    ("encoder.block.0.layer.0.", _T5),
+    ("shared.weight", _T5),
+    ("blocks.0.attn.q.weight", _T5),
+    ("token_embedding.", "a text encoder; load it with Sora Load Text Encoder"),
+    ("embeddings.word_embeddings", "a BERT-style text encoder, which Wan does not use"),
+    ("layer_scale", "a DINOv2 / DINOv3 image encoder, which Wan does not use"),
+    ("spatial_blocks.", "an Open-Sora STDiT, which is not supported"),
+    ("x_embedder.", "an Open-Sora / DiT-style model, which is not supported"),
+    ("double_blocks.", "an MMDiT (Open-Sora 2.0 / Flux / HunyuanVideo style), which is not supported"),
+)
+
+
+def describe(state_dict: StateDict | list[str], expected: str) -> str:
+    """What a file that is not a `expected` (e.g. "Wan VAE") holds: "it looks like <kind> (it has '<key>')", or
+    that none of its tensors has the names of one."""
+    keys = list(state_dict)
+    for fragment, kind in FILE_KINDS:
+        example = next((k for k in keys if fragment in k), None)
+        if example is not None:
+            return f"it looks like {kind} (it has {example!r})"
+    shown = ", ".join(repr(k) for k in keys[:3]) or "none"
+    return f"none of its {len(keys)} tensors has the names of a {expected} (first keys: {shown})"
+
+
 def strip_prefix(state_dict: StateDict, prefixes: tuple[str, ...], anchor: str) -> StateDict:
     """Remove the first prefix p for which `p + anchor` is a key (anchor: a key every file of the family has).
 

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from . import ops
 from .attention import attention, check_backend
-from .checkpoints import StateDict, load_into, load_state_dict, read_metadata, strip_prefix
+from .checkpoints import StateDict, describe, load_into, load_state_dict, read_metadata, strip_prefix
 from .errors import CheckpointError, InputError
 from .rope import apply_rope, rope_table
 
@@ -36,6 +37,7 @@ from .rope import apply_rope, rope_table
 # ------------------------------------------------------------------------------------------------------------------
 
 MODEL_TYPES = ("t2v", "i2v", "ti2v", "flf2v")
+WAN_PATCH = (1, 2, 2)  # (frames, rows, cols) per token in every released Wan DiT
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -60,7 +62,7 @@ class DiTConfig:
     text_dim: int = 4096  # umT5-XXL width
     text_len: int = 512  # context rows the model was trained with; shorter contexts are zero-padded
     freq_dim: int = 256  # size of the sinusoidal timestep embedding
-    patch_size: tuple[int, int, int] = (1, 2, 2)  # (frames, rows, cols) per token
+    patch_size: tuple[int, int, int] = WAN_PATCH  # (frames, rows, cols) per token
     eps: float = 1e-6
     rope_max_len: int = 1024  # RoPE positions per axis
     latent_format: str = "wan21"
@@ -195,7 +197,8 @@ class WanBlock(nn.Module):
         [B, 1 or L] which of them each sample or token has; rotations [B or 1, L, head_dim/2]; token_counts
         [B, L] 1 for real tokens, 0 for padding (None: no padding).
         """
-        mod = ops.patched(self, "modulation") + e0  # [U, 6, dim]: shift, scale, gate (attention), shift, scale, gate (FFN)
+        # [U, 6, dim]: shift, scale, gate (attention), shift, scale, gate (FFN)
+        mod = ops.patched(self, "modulation") + e0
         shift, scale, gate = (mod[:, i][t_index] for i in range(3))  # each [B, 1 or L, dim]
         h = torch.addcmul(shift, _layer_norm(x, self.eps), 1 + scale)
         x = torch.addcmul(x, self.self_attn(h, h, rotations, token_counts).float(), gate)
@@ -229,7 +232,8 @@ class Head(nn.Module):
 
 def dit_activation_bytes(config: DiTConfig, *, batch: int, tokens: int, compute_dtype: torch.dtype,
                          per_token_timesteps: bool) -> int:
-    """Peak bytes of the tensors one WanDiT forward keeps alive besides its weights (see `sora.ops.weight_workspace_bytes`).
+    """Peak bytes of the tensors one WanDiT forward keeps alive besides its weights (and the per-call weight
+    upcast of `sora.ops.weight_workspace_bytes`).
 
     Derivation, following `WanBlock.forward` in inference (no autograd graph). Per token of the batch, with
     D = dim, F = ffn_dim, c = bytes per element of the compute dtype and float32 residuals (4 bytes):
@@ -392,8 +396,7 @@ class WanDiT(nn.Module):
         if T % pt or H % ph or W % pw:
             raise InputError(f"latent size (T, H, W) = {(T, H, W)} must be divisible by the patch {(pt, ph, pw)}")
         grid = (T // pt, H // ph, W // pw)
-        patches = x.reshape(B, C, grid[0], pt, grid[1], ph, grid[2], pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
-        patches = patches.reshape(B, math.prod(grid), C * pt * ph * pw)
+        patches = rearrange(x, "b c (f pt) (h ph) (w pw) -> b (f h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
         dtype = self.compute_dtype
         weight = ops.patched(self.patch_embedding, "weight", dtype).flatten(1)  # [dim, C·pt·ph·pw]
         tokens = F.linear(patches.to(dtype), weight, ops.patched(self.patch_embedding, "bias", dtype))
@@ -445,11 +448,9 @@ class WanDiT(nn.Module):
 
     def _unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, L, pt·ph·pw·C] with C fastest -> [B, C, T, H, W]."""
-        B = out.shape[0]
         f, h, w = grid
         pt, ph, pw = self.config.patch_size
-        out = out.reshape(B, f, h, w, pt, ph, pw, self.config.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return out.reshape(B, self.config.out_dim, f * pt, h * ph, w * pw)
+        return rearrange(out, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)", f=f, h=h, w=w, pt=pt, ph=ph, pw=pw)
 
 
 def _token_timesteps(timestep: torch.Tensor, grids: list[tuple[int, int, int]], length: int) -> torch.Tensor:
@@ -541,22 +542,6 @@ def convert_diffusers(state_dict: StateDict) -> StateDict:
     return converted
 
 
-# What other model files look like, to say what a wrong file is: (key fragment, description).
-_OTHER_MODELS = (
-    ("decoder.conv1", "a video VAE; load it with the VAE loader"),
-    ("encoder.downsamples", "a video VAE; load it with the VAE loader"),
-    ("encoder.down_blocks", "a VAE in diffusers layout; load it with the VAE loader"),
-    ("shared.weight", "a T5 text encoder; load it with the text encoder loader"),
-    ("encoder.block.0.layer.0", "a T5 text encoder; load it with the text encoder loader"),
-    ("token_embedding", "a text encoder; load it with the text encoder loader"),
-    ("embeddings.word_embeddings", "a BERT-style text encoder; load it with the text encoder loader"),
-    ("vision_model.", "a CLIP vision encoder, which this pack does not use"),
-    ("visual.", "a CLIP model, which this pack does not use"),
-    ("spatial_blocks.", "an Open-Sora STDiT, which is not supported"),
-    ("x_embedder.", "an Open-Sora / DiT-style model, which is not supported"),
-    ("double_blocks.", "an MMDiT (Open-Sora 2.0 / Flux / HunyuanVideo style), which is not supported"),
-)
-
 # Wan families whose extra tensors this model does not have: (key fragment, what it is).
 _UNSUPPORTED_WAN = (
     ("img_emb.emb_pos", "Wan 2.1 first-last-frame-to-video (FLF2V, CLIP image branch)"),
@@ -582,7 +567,7 @@ def detect_config(state_dict: StateDict, metadata: dict[str, str] | None = None)
     sd = state_dict
     metadata = metadata or {}
     if ANCHOR not in sd:
-        _raise_not_a_dit(sd)
+        raise CheckpointError(f"this is not a Wan DiT: {describe(sd, 'Wan DiT')}")
     for fragment, family in _UNSUPPORTED_WAN:
         if any(fragment in key for key in sd):
             raise CheckpointError(f"this is a {family} checkpoint, which is not supported yet; "
@@ -623,15 +608,6 @@ def detect_config(state_dict: StateDict, metadata: dict[str, str] | None = None)
                                   "write it in the file's metadata as sora.num_heads")
         values["num_heads"] = dim // 128
     return DiTConfig(**values)
-
-
-def _raise_not_a_dit(sd: StateDict):
-    for fragment, description in _OTHER_MODELS:
-        example = next((k for k in sd if fragment in k), None)
-        if example is not None:
-            raise CheckpointError(f"this is not a Wan DiT: it looks like {description} (it has {example!r})")
-    sample = sorted(sd)[:3]
-    raise CheckpointError(f"this is not a Wan DiT (no {ANCHOR!r}; the first keys are {sample})")
 
 
 def to_original_layout(state_dict: StateDict) -> StateDict:

@@ -114,3 +114,16 @@ def format_of(name: str) -> LatentFormat:
         from .errors import InputError
         raise InputError(f"unknown latent format {name!r}; known: {', '.join(FORMATS)}")
     return FORMATS[name]
+
+
+def temporal_factor(channels: int) -> int:
+    """Pixel frames per latent frame of a latent with `channels` channels (4 for every Wan-family VAE and nano's), for
+    nodes that get a LATENT but no model."""
+    format_of("nano")  # the embedded format is known from its file
+    factors = {f.temporal for f in FORMATS.values() if f.channels == channels}
+    if len(factors) != 1:
+        from .errors import InputError
+        known = ", ".join(f"{f.name} ({f.channels})" for f in FORMATS.values())
+        raise InputError(f"a latent with {channels} channels is not one of the known formats ({known})" if not factors
+                         else f"latent formats with {channels} channels disagree on the frame grid")
+    return factors.pop()

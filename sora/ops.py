@@ -59,7 +59,7 @@ def installed(model: nn.Module, table: Mapping[str, Mapping[str, Sequence[BoundP
     """Install {module path: {parameter name: patches}} on `model`'s modules for the `with` block."""
     modules = [model.get_submodule(path) for path in table]
     try:
-        for module, (path, params) in zip(modules, table.items()):
+        for module, params in zip(modules, table.values()):
             module.__dict__[PATCHES] = params
         yield
     finally:

@@ -76,9 +76,10 @@ class StepHooks:
 
 
 def solve(solver: Solver, velocity: Velocity, noise: torch.Tensor, start: torch.Tensor,
-          known: KnownFrames | None = None, hooks: StepHooks = StepHooks()) -> tuple[torch.Tensor, torch.Tensor]:
+          known: KnownFrames | None = None, hooks: StepHooks | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Walk `solver.sigmas` from `σ0·noise + (1 − σ0)·start`; returns the sample at the last sigma and the last
     step's x0 prediction, both in model space. `noise` zeros continue a partial result."""
+    hooks = hooks or StepHooks()
     sigmas, total = solver.sigmas, solver.steps
     x = sigmas[0] * noise + (1.0 - sigmas[0]) * start
     if known is not None:
@@ -111,11 +112,12 @@ class ExternalSampler(Protocol):
 
 
 def solve_with(external: ExternalSampler, velocity: Velocity, noise: torch.Tensor, start: torch.Tensor,
-               sigmas: Sequence[float], known: KnownFrames | None = None, hooks: StepHooks = StepHooks(),
+               sigmas: Sequence[float], known: KnownFrames | None = None, hooks: StepHooks | None = None,
                passes: Callable[[], tuple | None] = lambda: None) -> tuple[torch.Tensor, torch.Tensor]:
     """`solve` with an external sampler function; known frames are imposed around every model call (as
     ComfyUI's inpainting wrapper does). A call between two sigmas (a second-order sampler's midpoint) counts as the
     step it lies in. `passes()` gives the last call's (v_cond, v_uncond or None)."""
+    hooks = hooks or StepHooks()
     total = len(sigmas) - 1
     last = {"x0": start}
 

@@ -123,7 +123,7 @@ class BlockStreamer:
         self.hooks.clear()
         for index in list(self.live):
             self._release(index)
-        for index, entries in self.store.items():
+        for entries in self.store.values():
             for slot, tensor in entries:
                 set_slot(slot, tensor.to(to))
         self.store.clear()

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from . import memory, ops
-from .guidance import Prompt
-from .checkpoints import StateDict, load_into, load_state_dict, strip_prefix
+from .checkpoints import StateDict, describe, load_into, load_state_dict, strip_prefix
 from .errors import CheckpointError, InputError
+from .guidance import Prompt
 from .text_umt5 import UMT5Config, UMT5Encoder, original_to_hf
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ class UMT5Tokenizer:
 
         try:
             tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception for unreadable files)
+        except Exception as e:
             raise CheckpointError(f"{path} is not a valid tokenizer.json ({e})") from None
         eos_id = tokenizer.token_to_id("</s>")
         if eos_id is None:
@@ -321,27 +321,14 @@ def read_umt5_file(path: str | Path) -> tuple[StateDict, torch.Tensor | None]:
     if _ORIGINAL_ANCHOR in state_dict:
         state_dict = original_to_hf(state_dict)
     elif _HF_ANCHOR not in state_dict:
-        raise CheckpointError(f"{path} is not a umT5 text encoder: {_describe_foreign(state_dict)}")
+        raise CheckpointError(f"{path} is not a umT5 text encoder: {describe(state_dict, 'umT5 text encoder')}; "
+                              "Wan needs umt5_xxl_*.safetensors")
     state_dict = {k: v for k, v in state_dict.items()
                   if not k.startswith(("decoder.", "lm_head.")) and not k.endswith("spiece_model")}
     tied = state_dict.pop("encoder.embed_tokens.weight", None)  # HF ties it to shared.weight
     if "shared.weight" not in state_dict and tied is not None:
         state_dict["shared.weight"] = tied
     return state_dict, spiece
-
-
-def _describe_foreign(state_dict: StateDict) -> str:
-    """What a file that is not umT5 looks like, from its key names."""
-    keys = list(state_dict)
-    def has(fragment: str) -> bool:
-        return any(fragment in k for k in keys)
-    if has("patch_embedding.weight") or has("head.modulation"):
-        return "it looks like a Wan diffusion model (DiT); load it with the model loader and pick a umT5 file here"
-    if has("decoder.conv1.") or has("decoder.conv_in.") or has("quant_conv"):
-        return "it looks like a VAE; load it with the VAE loader and pick a umT5 file here"
-    if has("text_model.encoder.") or has("visual.transformer") or has("vision_model."):
-        return "it looks like a CLIP model; Wan text-to-video needs umT5-XXL (umt5_xxl_*.safetensors)"
-    return f"none of its {len(keys)} tensors (e.g. {keys[:3]}) has umT5's names; pick umt5_xxl_*.safetensors"
 
 
 def build_umt5(state_dict: StateDict, *, dtype: torch.dtype, weight_dtype: torch.dtype | None = None,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import memory, vae_tiling
-from .checkpoints import StateDict, load_into, load_state_dict, strip_prefix
+from .checkpoints import StateDict, describe, load_into, load_state_dict, strip_prefix
 from .errors import CheckpointError, InputError
 from .vae_tiling import Tiling
 
@@ -53,12 +53,12 @@ class VAEConfig:
 
     def __post_init__(self):
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
-            raise ValueError(f"temporal_downsample needs one flag per downsampling ({len(self.dim_mult) - 1}), "
+            raise InputError(f"temporal_downsample needs one flag per downsampling ({len(self.dim_mult) - 1}), "
                              f"got {len(self.temporal_downsample)}")
         if self.patch_size not in (1, 2):
-            raise ValueError(f"patch_size must be 1 (Wan 2.1) or 2 (Wan 2.2), got {self.patch_size}")
+            raise InputError(f"patch_size must be 1 (Wan 2.1) or 2 (Wan 2.2), got {self.patch_size}")
         if not self.residual_shortcuts and any(d % 2 for d in self.decoder_dims[1:-1]):
-            raise ValueError("the 2.1 decoder halves its width at each upsampling: decoder widths must be even")
+            raise InputError("the 2.1 decoder halves its width at each upsampling: decoder widths must be even")
 
     @classmethod
     def wan21(cls) -> VAEConfig:
@@ -266,7 +266,7 @@ class Resample(nn.Module):
             if mode == "downsample3d":
                 self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
         else:
-            raise ValueError(f"unknown resample mode {mode!r}")
+            raise InputError(f"unknown resample mode {mode!r}")
 
     def _spatial_conv(self, x: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
         conv = self.resample[1]
@@ -684,7 +684,7 @@ def to_original_layout(state_dict: StateDict, *, source: str | Path = "checkpoin
     if DIFFUSERS_ANCHOR in state_dict:
         return _from_diffusers(state_dict)
     if ANCHOR not in state_dict:
-        raise CheckpointError(f"{source} is not a Wan VAE: {_looks_like(state_dict)}. Pick the VAE file "
+        raise CheckpointError(f"{source} is not a Wan VAE: {describe(state_dict, 'Wan VAE')}. Pick the VAE file "
                               "(e.g. wan_2.1_vae.safetensors or Wan2.2_VAE.pth)")
     return state_dict
 
@@ -717,7 +717,7 @@ def detect_vae_config(state_dict: StateDict, *, source: str | Path = "checkpoint
         config = VAEConfig(base_dim=base_dim, decoder_base_dim=decoder_base // dim_mult[0], z_dim=z_dim,
                            dim_mult=dim_mult, num_res_blocks=num_res_blocks, temporal_downsample=temporal,
                            patch_size=patch_size, residual_shortcuts=residual)
-    except ValueError as e:
+    except InputError as e:
         raise CheckpointError(f"{source}: the tensors describe no valid Wan VAE ({e})") from None
     return config
 
@@ -748,25 +748,6 @@ def _encoder_stages(state_dict: StateDict, residual: bool) -> list[tuple[int, in
                     stages.append((blocks, width, False))
                 return stages
         index += 1
-
-
-def _looks_like(state_dict: StateDict) -> str:
-    """A short guess at what a non-VAE checkpoint holds, from telltale keys."""
-    keys = list(state_dict)
-
-    def has(*parts: str) -> bool:
-        return any(part in key for key in keys for part in parts)
-
-    if has("head.modulation", "patch_embedding.weight", "blocks.0.self_attn.q.weight", "condition_embedder."):
-        return "it holds a diffusion transformer (DiT); load that with the model loader"
-    if has("SelfAttention.q.weight", "token_embedding.weight", "shared.weight", "blocks.0.attn.q.weight"):
-        return "it holds a text encoder (umT5); load that with the text encoder loader"
-    if has("visual.", "vision_model."):
-        return "it holds a CLIP vision encoder"
-    if has("decoder.mid.block_1.", "encoder.down.0.block.0."):
-        return "it holds an image VAE (Stable Diffusion / Flux layout), not the Wan video VAE"
-    sample = ", ".join(repr(k) for k in keys[:3])
-    return f"none of its {len(keys)} tensors belong to a Wan VAE (first keys: {sample or 'none'})"
 
 
 # diffusers' `AutoencoderKLWan` names -> original names (ARCH_FACTS §2.5)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .errors import CheckpointError, InputError
 
@@ -36,6 +37,16 @@ def check_frames(frames: torch.Tensor, what: str = "frames") -> None:
         raise InputError(f"{what} must be IMAGE frames [frames, height, width, 3] in 0..1, got {shape}")
     if frames.shape[0] == 0 or frames.shape[1] == 0 or frames.shape[2] == 0:
         raise InputError(f"{what} are empty: shape {list(frames.shape)}")
+
+
+def frames_to_clip(frames: torch.Tensor) -> torch.Tensor:
+    """IMAGE frames [F, H, W, 3] in 0..1 -> one clip [1, 3, F, H, W] in -1..1, as the VAE takes it."""
+    return rearrange(frames.float(), "f h w c -> 1 c f h w") * 2.0 - 1.0
+
+
+def clip_to_frames(video: torch.Tensor) -> torch.Tensor:
+    """Clips [B, 3, F, H, W] in -1..1 -> IMAGE frames [B·F, H, W, 3] in 0..1, one clip after the other."""
+    return (rearrange(video, "b c f h w -> (b f) h w c") + 1.0) / 2.0
 
 
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:

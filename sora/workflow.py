@@ -679,7 +679,7 @@ def execute(prompt: Prompt, node_classes: NodeClasses, *, report: Callable[[str]
     Interrupted (Ctrl-C, ComfyUI's cancel) passes through unchanged.
     """
     plan = _plan(prompt, node_classes)
-    consumers = {n: 0 for n in plan.order}
+    consumers = dict.fromkeys(plan.order, 0)
     for node_id in plan.order:
         for _, source in _links_of(plan, node_id):
             consumers[source] += 1

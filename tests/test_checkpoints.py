@@ -60,7 +60,7 @@ def test_sharded_index(tmp_path):
     save_file({"proj.weight": sd["proj.weight"]}, tmp_path / "a.safetensors")
     rest = {k: v for k, v in sd.items() if k != "proj.weight"}
     save_file(rest, tmp_path / "b.safetensors")
-    index = {"weight_map": {"proj.weight": "a.safetensors", **{k: "b.safetensors" for k in rest}}}
+    index = {"weight_map": {"proj.weight": "a.safetensors", **dict.fromkeys(rest, "b.safetensors")}}
     (tmp_path / "m.safetensors.index.json").write_text(__import__("json").dumps(index))
     assert set(load_state_dict(tmp_path)) == set(sd)
 

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_workflow_nodes import api_graph
 
 TESTS = Path(__file__).resolve().parent
@@ -86,7 +85,7 @@ def test_broken_graph_exits_nonzero_with_one_line_and_leaves_out_unchanged(case,
     before = snapshot(out)
     done = sora("run", "wf.json", "--output-dir", out, cwd=tmp_path)
     assert done.returncode == 1
-    error_lines = [l for l in done.stderr.splitlines() if not l.startswith("calls:")]
+    error_lines = [line for line in done.stderr.splitlines() if not line.startswith("calls:")]
     assert len(error_lines) == 1 and error_lines[0].startswith("error: ") and expected in error_lines[0]
     assert "Traceback" not in done.stderr and done.stdout == ""
     assert "calls: \n" in done.stderr + "\n"  # no node ran

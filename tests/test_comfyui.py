@@ -21,11 +21,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from test_workflows import EXPECTED, FOLDER, SHRINK, probe
 
 from sora import standins
 from sora.nodes import load_node_mappings
 from sora.workflow import node_spec
-from test_workflows import EXPECTED, FOLDER, SHRINK, probe
 
 COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", "")).expanduser()
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_DIR") or not (COMFYUI_DIR / "main.py").is_file(),
@@ -68,10 +68,11 @@ class Server:
     def upload(self, path: Path, name: str) -> dict:
         """POST /upload/image (multipart), as the editor uploads an input file."""
         boundary = uuid.uuid4().hex
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
-                "Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + \
-            f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n--{boundary}--\r\n" \
-            .encode()
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n")
+        tail = (f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n"
+                f"--{boundary}--\r\n")
+        body = head.encode() + path.read_bytes() + tail.encode()
         return self.post("/upload/image", body, f"multipart/form-data; boundary={boundary}")
 
     def run(self, prompt: dict, client_id: str | None = None) -> dict:
@@ -112,7 +113,8 @@ def server(tmp_path_factory):
                 break
             except (urllib.error.URLError, ConnectionError):
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"ComfyUI did not start in {STARTUP_SECONDS} s:\n{log.read_text()[-4000:]}")
+                    raise AssertionError(f"ComfyUI did not start in {STARTUP_SECONDS} s:\n{log.read_text()[-4000:]}") \
+                        from None
                 time.sleep(1)
         yield server
     finally:

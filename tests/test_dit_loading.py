@@ -84,7 +84,7 @@ def test_every_layout_gives_identical_outputs(tmp_path, diffusers_state_dict, or
     for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
         name = f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors"
         save_file({k: original[k] for k in part}, shards / name)
-        weight_map.update({k: name for k in part})
+        weight_map.update(dict.fromkeys(part, name))
     (shards / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
     model = load_dit(tmp_path / "original.safetensors", compute_dtype=torch.float32)

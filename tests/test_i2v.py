@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sora.nodes import frame_conditioning, loaders, sampling, text_encode
 
 from sora import conditioning, dit, handle, runtime, standins
 from sora.errors import InputError
 from sora.latent_formats import WAN21
+from sora.nodes import frame_conditioning, loaders, sampling, text_encode
 
 pytestmark = pytest.mark.usefixtures("fresh_manager")  # a memory manager of this module's own
 

@@ -3,7 +3,8 @@ memory (RSS) within 3% of the second run, while a loader without the cache visib
 
 The workflow is made of small V1 node classes defined here that do what the loader, sampler and decode nodes do:
 load through `sora.model_cache.load`, sample with `sora.samplers.sample` (the DiT streamed under a budget), decode
-with `sora.vae.decode_video` (the idle DiT leaves the device to make room). The graph runs through the headless runner (`sora.workflow.execute`).
+with `sora.vae.decode_video` (the idle DiT leaves the device to make room). The graph runs through the headless
+runner (`sora.workflow.execute`).
 """
 import gc
 import os

@@ -9,8 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
 from sora import memory
-from sora.dit import DiTConfig, WanDiT
-from sora.dit import dit_activation_bytes
+from sora.dit import DiTConfig, WanDiT, dit_activation_bytes
 from sora.memory import MemoryManager, MemoryOptions
 from sora.streaming import module_bytes
 

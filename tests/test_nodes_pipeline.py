@@ -7,6 +7,10 @@ import shutil
 import pytest
 import torch
 from PIL import Image
+
+from sora import memory, model_cache, runtime, schedules, standins, text
+from sora.errors import CheckpointError, InputError, Interrupted
+from sora.handle import HIGH_NOISE, LOW_NOISE, SINGLE, MemorySettings
 from sora.nodes import frame_conditioning as frames_nodes
 from sora.nodes import (
     loaders,
@@ -16,10 +20,6 @@ from sora.nodes import (
     text_encode,
     vae_codec,
 )
-from sora.handle import HIGH_NOISE, LOW_NOISE, SINGLE, MemorySettings
-
-from sora import memory, model_cache, runtime, schedules, standins, text
-from sora.errors import CheckpointError, InputError, Interrupted
 
 pytestmark = pytest.mark.usefixtures("fresh_manager")  # a memory manager of this module's own
 
@@ -115,7 +115,7 @@ def test_loader_errors_name_the_input(tmp_path, models):
     with pytest.raises(InputError, match=r"^Sora Load VAE: input 'path': .*no such file"):
         loaders.SoraVAELoader().load("wan_2.1_vae.safetensors", "auto", path=str(tmp_path / "nope.safetensors"))
     with pytest.raises(CheckpointError, match=r"^Sora Load Diffusion Model: input 'path': .*not a Wan DiT: it looks "
-                                              r"like a video VAE"):
+                                              r"like a Wan video VAE"):
         load_dit(path=str(models / "vae" / "wan_2.1_vae.safetensors"))
 
 

@@ -1,7 +1,7 @@
 """The install metadata says what the README and ComfyUI's tools expect."""
 import re
-import tomllib
 
+import tomllib
 from conftest import REPO
 
 
@@ -32,3 +32,25 @@ def test_readme_commands_name_real_files():
     for path in re.findall(r"workflows/(?:api/)?[\w.]+\.json", readme):
         assert (REPO / path).exists(), path
     assert "python -m pytest" in readme
+
+
+def test_ci_runs_the_readme_test_command_word_for_word():
+    readme = (REPO / "README.md").read_text()
+    (command,) = [line.strip() for line in readme.splitlines() if line.strip().endswith("python -m pytest -q")]
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert ci == [command]
+    assert "ruff check ." in command  # the lint rules of pyproject.toml, kept clean in CI
+
+
+def test_comfy_cli_validates_the_pack():
+    """`comfy node validate` (comfy-cli, a test dependency): the registry metadata and its security checks."""
+    import shutil
+    import subprocess
+
+    comfy = shutil.which("comfy")
+    assert comfy is not None, "comfy-cli is a test dependency: pip install -e '.[test]'"
+    done = subprocess.run([comfy, "--skip-prompt", "--no-enable-telemetry", "node", "validate"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    said = done.stdout + done.stderr
+    assert done.returncode == 0 and "All validation checks passed" in said, said

@@ -11,7 +11,8 @@ import types
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sora import runtime
 from sora.errors import InputError, Interrupted

@@ -13,7 +13,7 @@ from sora import ops, runtime
 from sora.guidance import ClassifierFreeGuidance, Prompt
 from sora.handle import ModelCall, ModelHandle, WeightPatch
 from sora.nodes import frame_conditioning, loaders, sampling, text_encode
-from sora.samplers import StepHooks, run_sampling, sample, solve, solve_with
+from sora.samplers import StepHooks, run_sampling, sample, solve
 from sora.schedules import flow_sigmas
 from sora.solvers import Euler
 

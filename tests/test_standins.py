@@ -44,7 +44,7 @@ def test_files_are_the_same_bytes_on_every_run(tmp_path, root):
 
 def keys_and_dtypes(path) -> dict:
     with safe_open(str(path), "pt") as f:
-        return {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        return {k: f.get_slice(k).get_dtype() for k in f.keys()}
 
 
 def test_dits_are_detected_like_the_real_files(root):

@@ -163,8 +163,8 @@ def test_sharded_and_prefixed_files_give_identical_outputs(tmp_path, comfy_file,
     save_file({k: hf_state_dict[k] for k in first}, shards / "model-00001-of-00002.safetensors")
     save_file({"encoder.embed_tokens.weight": hf_state_dict["shared.weight"].clone(),
                **{k: hf_state_dict[k] for k in second}}, shards / "model-00002-of-00002.safetensors")
-    weight_map = {**{k: "model-00001-of-00002.safetensors" for k in first},
-                  **{k: "model-00002-of-00002.safetensors" for k in second + ["encoder.embed_tokens.weight"]}}
+    weight_map = {**dict.fromkeys(first, "model-00001-of-00002.safetensors"),
+                  **dict.fromkeys(second + ["encoder.embed_tokens.weight"], "model-00002-of-00002.safetensors")}
     (shards / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (tmp_path / "tokenizer").mkdir()
     (tmp_path / "tokenizer" / "spiece.model").write_bytes(spiece_proto)
@@ -431,7 +431,7 @@ def test_conditioning_errors_name_the_problem():
 @pytest.mark.parametrize("keys, message", [
     (["encoder.conv1.weight", "decoder.conv1.weight", "decoder.head.2.weight"], "VAE"),
     (["patch_embedding.weight", "blocks.0.self_attn.q.weight", "head.modulation"], "diffusion model"),
-    (["foo.weight", "bar.bias"], "umT5's names"),
+    (["foo.weight", "bar.bias"], "none of its 2 tensors has the names of a umT5 text encoder"),
 ])
 def test_wrong_kind_of_file_is_named(tmp_path, keys, message):
     save_file({k: torch.zeros(2, 2) for k in keys}, tmp_path / "wrong.safetensors")

@@ -23,12 +23,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_vae import TOLERANCE, latent, randomize, video
 
 from sora import vae_tiling
 from sora.errors import InputError
 from sora.vae import VAEConfig, WanVAE
 from sora.vae_tiling import Tiling, ramp, starts, tiles
-from test_vae import TOLERANCE, latent, randomize, video
 
 ROUNDING = 4 * TOLERANCE  # float32 kernels round differently on a tile and on the whole frame (2.1e-5 seen)
 LOCAL_21 = VAEConfig.tiny(base_dim=4, decoder_base_dim=4)

@@ -26,7 +26,8 @@ def probe(path):
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         count = sum(1 for _ in container.decode(stream))
-        return count, stream.codec_context.width, stream.codec_context.height, stream.average_rate, stream.codec_context.name
+        codec = stream.codec_context
+        return count, codec.width, codec.height, stream.average_rate, codec.name
 
 
 @pytest.mark.parametrize("fps, rate", [(16, Fraction(16)), (24.0, Fraction(24)), (23.976, Fraction(24000, 1001))])

@@ -2,12 +2,20 @@
 import json
 
 import pytest
+from test_workflow_nodes import CALLS, NODES, TinySampler, api_graph, sample_formula, ui_graph
 
 from sora import runtime
 from sora.errors import InputError
-from sora.workflow import (NodeFailed, WorkflowError, apply_overrides, execute, load_workflow, run_workflow,
-                           ui_to_api, validate)
-from test_workflow_nodes import CALLS, NODES, TinySampler, api_graph, sample_formula, ui_graph
+from sora.workflow import (
+    NodeFailed,
+    WorkflowError,
+    apply_overrides,
+    execute,
+    load_workflow,
+    run_workflow,
+    ui_to_api,
+    validate,
+)
 
 
 @pytest.fixture
@@ -77,8 +85,8 @@ def test_ui_format_converts_to_the_same_graph_and_result(tmp_path, out):
 def test_post_body_wrapper_and_v1_link_objects(tmp_path, out):
     assert load_workflow({"prompt": api_graph(), "client_id": "x"}, NODES).prompt.keys() == api_graph().keys()
     ui = ui_graph()
-    ui["links"] = [{"id": l[0], "origin_id": l[1], "origin_slot": l[2], "target_id": l[3], "target_slot": l[4],
-                    "type": l[5]} for l in ui["links"]]
+    ui["links"] = [{"id": link[0], "origin_id": link[1], "origin_slot": link[2], "target_id": link[3],
+                    "target_slot": link[4], "type": link[5]} for link in ui["links"]]
     ui["version"] = 1
     ui["links"].insert(3, None)  # a hole left by an older editor where a link was deleted
     assert ui_to_api(ui, NODES) == ui_to_api(ui_graph(), NODES)

@@ -1,10 +1,11 @@
 """Property-based fuzz of the graph loader and validator: whatever the JSON, the only error is WorkflowError."""
 import copy
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_workflow_nodes import NODES, api_graph, ui_graph
 
 from sora.workflow import WorkflowError, apply_overrides, load_workflow, validate
-from test_workflow_nodes import NODES, api_graph, ui_graph
 
 json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=6)
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)

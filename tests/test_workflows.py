@@ -197,7 +197,7 @@ def test_repeated_runs_reuse_the_loaded_models(models, tmp_path, monkeypatch, ca
             return real(*args, **kwargs)
         monkeypatch.setattr(module, name, counting)
     path = FOLDER / "api" / "wan21_t2v_1.3B.json"
-    for run in range(3):
+    for _ in range(3):
         argv = ["run", str(path), "--models-dir", str(models), "--output-dir", str(tmp_path / "out")]
         assert cli.main(argv + overrides("wan21_t2v_1.3B")) == 0
     assert sorted(loads) == ["load_dit", "load_text_encoder", "load_vae"]  # once each, for three runs

@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="start from this nano DiT file (fine-tuning) instead of random weights")
     parser.add_argument("--focus", nargs=4, action="append", metavar=("START", "END", "KIND", "SIGMA_MIN"),
                         help="a direction focus phase: steps START-END all KIND (i2v or t2v) batches at sigma >= "
-                             "SIGMA_MIN; repeat for more phases (default: %s)" % (DiTTrainConfig.focus,))
+                             f"SIGMA_MIN; repeat for more phases (default: {DiTTrainConfig.focus})")
     parser.add_argument("--no-focus", action="store_true", help="no focus phase (for fine-tuning)")
     parser.add_argument("--i2v-share", type=float, default=DiTTrainConfig.i2v_share,
                         help="share of image-to-video batches")

@@ -29,8 +29,20 @@ from torch import nn
 
 from ..checkpoints import read_metadata
 from ..latent_formats import LatentFormat
-from ..vae import (AttentionBlock, CausalConv3d, DownStage, Resample, ResidualBlock, UpStage, VAEConfig, WanVAE,
-                   average_down, duplicate_up, patchify, unpatchify)
+from ..vae import (
+    AttentionBlock,
+    CausalConv3d,
+    DownStage,
+    Resample,
+    ResidualBlock,
+    UpStage,
+    VAEConfig,
+    WanVAE,
+    average_down,
+    duplicate_up,
+    patchify,
+    unpatchify,
+)
 from . import data, judge, latent_format_from_metadata, latent_format_metadata
 
 SEED_BASE = 10_000_000  # training clip seeds start here, far from the small seeds of tests and evaluations
@@ -113,7 +125,8 @@ def training_batch(cfg: VAETrainConfig, step: int) -> tuple[torch.Tensor, torch.
         on_object = data.object_pixels(clip)[None, :, y0:y0 + crop, x0:x0 + crop]
         videos.append(video)
         share = on_object.mean().clamp(1e-3, 1 - 1e-3)
-        weights.append(on_object * (cfg.object_share / share) + (1 - on_object) * ((1 - cfg.object_share) / (1 - share)))
+        off_object = (1 - on_object) * ((1 - cfg.object_share) / (1 - share))
+        weights.append(on_object * (cfg.object_share / share) + off_object)
     return torch.stack(videos), torch.stack(weights)
 
 
