@@ -20,8 +20,8 @@ AUTO_EXPERT = "auto (from the file name)"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8_e4m3fn": "float8_e4m3fn",
           "fp8_e5m2": "float8_e5m2"}  # option -> torch dtype name
 
-PATH_TOOLTIP = ("A model file or folder to load instead of the list entry (absolute, or relative to the current "
-                "directory). Leave empty to use the list.")
+PATH_TOOLTIP = ("A model file or folder to load instead of the list entry: a path (inside ComfyUI, only within its "
+                "model folders). Leave empty to use the list.")
 
 
 def _dtype(option: str):
@@ -47,9 +47,26 @@ def _source(node: type, kind: str, input_name: str, name: str, path: str, embedd
     `input_name`, where the entry `embedded` means `embedded_file()`."""
     if path.strip():
         with about(node, "path"):
-            return sora.runtime.model_path(kind, str(Path(path.strip()).expanduser().absolute()))
+            return sora.runtime.model_path(kind, path.strip(), typed=True)
     with about(node, input_name):
         return embedded_file() if name == embedded else sora.runtime.model_path(kind, name)
+
+
+input_names = {"diffusion_models": "model_name", "text_encoders": "text_encoder_name", "vae": "vae_name"}
+
+
+def _validate(kind: str, name, path, embedded: str) -> bool | str:
+    """VALIDATE_INPUTS of a loader: the file its inputs name must be one a name may reach (`sora.runtime`'s rule),
+    so a refused or missing file fails before the graph runs."""
+    typed = isinstance(path, str) and bool(path.strip())
+    try:
+        if typed:
+            sora.runtime.model_path(kind, path.strip(), typed=True)
+        elif isinstance(name, str) and name != embedded:
+            sora.runtime.model_path(kind, name)
+    except sora.errors.InputError as e:
+        return f"input '{'path' if typed else input_names[kind]}': {e}"
+    return True
 
 
 def _chosen(input_name: str, path: str) -> str:
@@ -93,6 +110,10 @@ class SoraModelLoader:
             },
             "optional": {"path": ("STRING", {"default": "", "tooltip": PATH_TOOLTIP})},
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name, path=""):
+        return _validate("diffusion_models", model_name, path, NANO)
 
     def load(self, model_name, weight_dtype, compute_dtype, attention, expert, path=""):
         file = _source(type(self), "diffusion_models", "model_name", model_name, path, NANO, sora.nano.dit_path)
@@ -139,6 +160,10 @@ class SoraTextEncoderLoader:
             "optional": {"path": ("STRING", {"default": "", "tooltip": PATH_TOOLTIP})},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, text_encoder_name, path=""):
+        return _validate("text_encoders", text_encoder_name, path, MINILM)
+
     def load(self, text_encoder_name, weight_dtype, compute_dtype, path=""):
         file = _source(type(self), "text_encoders", "text_encoder_name", text_encoder_name, path, MINILM,
                        sora.text.minilm_folder)
@@ -178,6 +203,10 @@ class SoraVAELoader:
             },
             "optional": {"path": ("STRING", {"default": "", "tooltip": PATH_TOOLTIP})},
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, vae_name, path=""):
+        return _validate("vae", vae_name, path, NANO)
 
     def load(self, vae_name, dtype, path=""):
         file = _source(type(self), "vae", "vae_name", vae_name, path, NANO, sora.nano.vae_path)

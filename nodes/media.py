@@ -1,8 +1,9 @@
 """Loading images and videos, and saving the result as an H.264 mp4.
 
-Where a relative file name is looked for, in order: the current directory; inside ComfyUI, its input folder
-(where uploads go); the pack's shipped example assets (`workflows/assets/`), so the example workflows run from any
-directory. Absolute paths are used as they are.
+Which files a load node reads is `sora.runtime`'s rule: inside ComfyUI only files in its input folder (the list
+offers them, with the editor's upload button, as core's Load Image and Load Video do; core's annotated names such as
+`clip.mp4 [input]` work) and the pack's shipped `workflows/assets/`; headless, also any path. A name the rule refuses
+fails validation, before the graph runs.
 
 Saving: the mp4 goes under the output folder (ComfyUI's, or `--output-dir` headless) with ComfyUI's counter naming
 (`prefix_00001_.mp4`), never outside it whatever the prefix says, written atomically (no partial file when
@@ -15,33 +16,44 @@ import hashlib
 import json
 from pathlib import Path
 
-from ._common import about, category, input_error, mappings
+from ._common import about, category, mappings
 from ._sora import sora
 
-ASSETS = Path(__file__).resolve().parent.parent / "workflows" / "assets"
 SIZE_TOOLTIP = "Resize to this many pixels (0 keeps the file's {}); use the model's size grid (e.g. {})."
 
 
+def file_input(kind: str, suffixes: tuple[str, ...], tooltip: str) -> tuple:
+    """The file widget of a load node: inside ComfyUI a list of the input files with the upload button (`kind`:
+    "image" or "video"), headless a text field for any path."""
+    runtime = sora.runtime
+    if runtime.in_comfyui():
+        return (runtime.input_files(suffixes), {f"{kind}_upload": True, "tooltip": tooltip})
+    return ("STRING", {"default": "", "tooltip": tooltip})
+
+
 def input_file(node: type, name: str, value: str) -> Path:
-    """The file a load node's `value` names (see the module docstring for where relative names are looked for)."""
-    text = value.strip()
-    if not text:
-        raise input_error(node, name, value, "is empty; give a file name or path")
-    given = Path(text).expanduser()
-    if given.is_absolute():
-        places = [given]
-    else:
-        folders = [Path.cwd()]
-        if sora.runtime.in_comfyui():
-            import folder_paths
-            folders.append(Path(folder_paths.get_input_directory()))
-        folders.append(ASSETS)
-        places = [folder / given for folder in folders]
-    for place in places:
-        if place.is_file():
-            return place
-    looked = ", ".join(str(p.parent) for p in places)
-    raise input_error(node, name, value, f"was not found (looked in {looked}); give an existing file")
+    """The file a load node's `value` names, under `sora.runtime`'s rule of what a name may reach."""
+    with about(node, name):
+        return sora.runtime.input_path(value, what=name)
+
+
+def _check(node: type, name: str, value) -> bool | str:
+    """VALIDATE_INPUTS for a file input: True, or the reason (so the graph is refused before it runs)."""
+    if value is None:  # linked from another node: checked when the value exists
+        return True
+    try:
+        sora.runtime.input_path(value, what=name)
+    except sora.errors.InputError as e:
+        return str(e)
+    return True
+
+
+def _changed(value: str) -> str:
+    """ComfyUI's IS_CHANGED value for a file name: reload when the file's bytes change."""
+    try:
+        return hashlib.sha256(sora.runtime.input_path(value).read_bytes()).hexdigest()
+    except (sora.errors.InputError, OSError):
+        return value  # the node itself reports the missing or refused file
 
 
 def _resize(node: type, frames, width: int, height: int):
@@ -56,14 +68,6 @@ def _resize(node: type, frames, width: int, height: int):
         return sora.video_io.resize_frames(frames, width, height)
 
 
-def _changed(path: str) -> str:
-    """ComfyUI's IS_CHANGED value for a file name: reload when the file's bytes change."""
-    try:
-        return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
-    except OSError:
-        return path  # the node itself reports the missing file
-
-
 class SoraLoadImage:
     DISPLAY_NAME = "Sora Load Image"
     DESCRIPTION = "Loads an image file (png, jpg, webp, ...) as IMAGE [1, H, W, 3], optionally resized."
@@ -75,9 +79,9 @@ class SoraLoadImage:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "image": ("STRING", {"default": "", "tooltip": "An image file: a name in the input folder (inside "
-                                                           "ComfyUI), a path relative to the current directory, "
-                                                           "or an absolute path."}),
+            "image": file_input("image", sora.runtime.IMAGE_SUFFIXES,
+                                "An image file: one in ComfyUI's input folder (upload it here) or the pack's "
+                                "workflows/assets; headless, any path."),
             "width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 1,
                               "tooltip": SIZE_TOOLTIP.format("width", "832 or 1280")}),
             "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 1,
@@ -87,6 +91,10 @@ class SoraLoadImage:
     @classmethod
     def IS_CHANGED(cls, image, **_):
         return _changed(image)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, image):
+        return _check(cls, "image", image)
 
     def load(self, image, width, height):
         path = input_file(type(self), "image", image)
@@ -106,9 +114,9 @@ class SoraLoadVideo:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "video": ("STRING", {"default": "", "tooltip": "A video file: a name in the input folder (inside "
-                                                           "ComfyUI), a path relative to the current directory, "
-                                                           "or an absolute path."}),
+            "video": file_input("video", sora.runtime.VIDEO_SUFFIXES,
+                                "A video file: one in ComfyUI's input folder (upload it here) or the pack's "
+                                "workflows/assets; headless, any path."),
             "max_frames": ("INT", {"default": 81, "min": 0, "max": 100000,
                                    "tooltip": "The most frames to load (0 = all). Encoding needs 1 + 4k frames "
                                               "(e.g. 81)."}),
@@ -123,6 +131,10 @@ class SoraLoadVideo:
     @classmethod
     def IS_CHANGED(cls, video, **_):
         return _changed(video)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, video):
+        return _check(cls, "video", video)
 
     def load(self, video, max_frames, skip_frames, width, height):
         path = input_file(type(self), "video", video)

@@ -3,11 +3,22 @@
 Node code calls these functions and stays the same in both places:
 
 - model files by kind (`model_files`, `model_path`): ComfyUI's model folders through `folder_paths`, or
-  `--models-dir DIR/<kind>/` headless; a name may also be an absolute path;
+  `--models-dir DIR/<kind>/` headless; input files (`input_files`, `input_path`): ComfyUI's input folder, or
+  anywhere headless; and which files a name may reach at all (`readable`, the rule below);
 - where outputs go (`output_dir`, `save_path`): ComfyUI's output folder or `--output-dir`, with ComfyUI's
   counter naming (`prefix_00001_.mp4`) and never a path outside that folder;
 - progress (`progress`): `comfy.utils.ProgressBar` with latent previews inside ComfyUI, tqdm on the terminal;
 - cancelling (`check_interrupt`): ComfyUI's interrupt flag, or Ctrl-C once the CLI installed its handler.
+
+Which files a name may reach. A ComfyUI server reads names from whoever can send it a graph (a shared studio
+machine, `--listen 0.0.0.0`, a service that runs uploaded workflows), so inside ComfyUI a name resolves only inside
+ComfyUI's own folders: input files in its input folder (core's annotated names, `clip.mp4 [input]`, `[output]`,
+`[temp]`, subfolders allowed) and the pack's shipped `workflows/assets/`, model files in its model folders
+(`folder_paths`, `extra_model_paths.yaml` included). Symlinks are followed: a name whose real file lies outside is
+refused like an absolute path, `..`, `~`, a drive or a UNC path, with one message that is the same whether or not
+the target exists. The server's owner may lift the rule for the whole server with the environment variable
+`SORA_ALLOW_ANY_PATH=1`; no node input can. Headless (`sora run`) is run by the machine's own user, so any path is
+allowed there.
 
 "Inside ComfyUI" means ComfyUI's `folder_paths` module is already imported. ComfyUI modules are imported inside
 the functions that need them, never at module level, so `sora` imports anywhere.
@@ -22,11 +33,15 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from .errors import InputError, Interrupted
 
-MODEL_KINDS = ("diffusion_models", "text_encoders", "vae", "LLM")
+MODEL_KINDS = ("diffusion_models", "text_encoders", "vae", "loras", "clip_vision", "LLM")
+ALLOW_ANY_PATH = "SORA_ALLOW_ANY_PATH"  # set to 1 by a server's owner: names may reach any file
+ASSETS = Path(__file__).resolve().parent.parent / "workflows" / "assets"  # the shipped workflows' input files
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".m4v")
 # What a model folder lists: weight files, shard indexes, GGUF files (the prompt-expansion LLM) and model
 # folders in the Hugging Face layout (a directory with config.json, listed as one entry).
 GGUF_SUFFIX = ".gguf"
@@ -91,12 +106,22 @@ def model_folders(kind: str) -> list[Path]:
     if kind not in MODEL_KINDS:
         raise InputError(f"unknown model kind {kind!r}; use one of {MODEL_KINDS}")
     if not in_comfyui():
-        return [_headless_dir("models_dir") / kind]
+        root = _headless_dir("models_dir")
+        return [root / kind] + ([root / "unet"] if kind == "diffusion_models" else [])
     import folder_paths
     if kind in folder_paths.folder_names_and_paths:
         return [Path(p) for p in folder_paths.get_folder_paths(kind)]
     # ComfyUI core registers no "LLM" folder; models/LLM is where language-model packs keep theirs.
     return [Path(folder_paths.models_dir) / kind]
+
+
+def _all_model_folders() -> list[Path]:
+    """Every model folder ComfyUI knows (the roots a loader's `path` input may reach inside it)."""
+    import folder_paths
+    folders = [Path(folder_paths.models_dir)]
+    for paths, _ in folder_paths.folder_names_and_paths.values():
+        folders += [Path(p) for p in paths]
+    return folders
 
 
 def _is_model_entry(path: Path) -> bool:
@@ -106,8 +131,9 @@ def _is_model_entry(path: Path) -> bool:
         or path.name.endswith(SHARD_INDEX_SUFFIX)
 
 
-def _scan(folder: Path) -> list[str]:
-    """Model names under `folder` as relative posix paths; a model folder is one entry, not its files."""
+def _scan(folder: Path, wanted=_is_model_entry) -> list[str]:
+    """Entries under `folder` as relative posix paths, only those a name may reach (`readable`); a model folder
+    (Hugging Face layout, with config.json) is one entry, not its files."""
     names = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         here = Path(dirpath)
@@ -116,8 +142,8 @@ def _scan(folder: Path) -> list[str]:
             dirnames.clear()
             continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        names += [(here / f).relative_to(folder).as_posix() for f in filenames if _is_model_entry(here / f)]
-    return names
+        names += [(here / f).relative_to(folder).as_posix() for f in filenames if wanted(here / f)]
+    return names if any_path_allowed() else [name for name in names if _inside(folder / name, [folder])]
 
 
 def model_files(kind: str) -> list[str]:
@@ -129,30 +155,114 @@ def model_files(kind: str) -> list[str]:
     return sorted(names)
 
 
-def model_path(kind: str, name: str) -> Path:
-    """The file or model folder `name` (as listed by `model_files`, or an absolute path) refers to."""
+def model_path(kind: str, name: str, *, typed: bool = False) -> Path:
+    """The file or model folder `name` (as listed by `model_files`, or a path `readable` allows) refers to.
+    typed: the name was typed as a path (a loader's `path` input); headless, a relative one then starts from the
+    current directory, as paths on a command line do."""
     if not isinstance(name, str) or not name.strip():
-        raise InputError(f"no {kind} model chosen; pick a file from the list or give an absolute path")
-    given = Path(name).expanduser()
-    if given.is_absolute():
-        if given.exists():
-            return given
-        raise InputError(f"{kind} model {name!r}: no such file or folder; check the path")
+        raise InputError(f"no {kind} model chosen; pick a file from the list or give a path")
     folders = model_folders(kind)
-    relative = PurePosixPath(name.replace("\\", "/"))
-    if ".." in relative.parts:
-        raise InputError(f"{kind} model {name!r} must not contain '..'; give a name from the list or an "
-                         "absolute path")
-    for folder in folders:
-        candidate = folder / relative
-        if candidate.exists():
-            return candidate
+    if typed and not in_comfyui():
+        folders = [Path.cwd(), *folders]
+    inside = _all_model_folders() if in_comfyui() else folders
+    path = readable(name, folders, what=f"{kind} model", roots=inside, where="ComfyUI's model folders")
+    if path is not None:
+        return path
+    if Path(name.strip()).expanduser().is_absolute():
+        raise InputError(f"{kind} model {name!r}: no such file or folder; check the path")
     available = model_files(kind)
     listed = ", ".join(available[:10]) + (f", ... ({len(available)} in all)" if len(available) > 10 else "")
     where = ", ".join(str(f) for f in folders)
     hint = "" if in_comfyui() else f", pass --models-dir DIR (models go in DIR/{kind}/)"
     raise InputError(f"{kind} model {name!r} not found; looked in {where} (available: {listed or 'none'}). "
-                     f"Put the file there{hint} or give an absolute path")
+                     f"Put the file there{hint} or give its path")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input files and the rule of what a name may reach
+# ---------------------------------------------------------------------------------------------------------------
+
+def any_path_allowed() -> bool:
+    """Whether names may reach any file: always headless, inside ComfyUI only when the owner set
+    SORA_ALLOW_ANY_PATH=1."""
+    return not in_comfyui() or os.environ.get(ALLOW_ANY_PATH, "").strip().lower() in ("1", "true", "yes")
+
+
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    """`path`, symlinks followed, lies in one of `roots` (symlinks followed too)."""
+    real = os.path.realpath(path)
+    return any(os.path.commonpath([real, os.path.realpath(root)]) == os.path.realpath(root) for root in roots)
+
+
+def readable(name: str, folders: list[Path], *, what: str, roots: list[Path] | None = None,
+             where: str = "ComfyUI's folders") -> Path | None:
+    """The existing file or folder `name` refers to: an absolute path, or a name looked up in `folders` in order;
+    None when there is none. The rule of the module docstring: unless `any_path_allowed()`, a name that leads
+    outside `roots` (default: `folders`) raises InputError, the same whether or not the target exists.
+
+    what: what the name is ("image", "vae model"), for the message; where: the roots in words.
+    """
+    text = name.strip().replace("\\", "/")  # both separators count on every platform
+    free = any_path_allowed()
+    if free:
+        given = Path(text).expanduser()
+    elif "\0" in text or text.startswith(("~", "//")) or _WINDOWS_DRIVE.match(text) or ".." in text.split("/"):
+        raise _refused(what, name, where)  # from home, a UNC share, a drive, climbing up: refused on sight
+    else:
+        given = Path(text)
+    candidates = [given] if given.is_absolute() else [folder / text for folder in folders]
+    if not free and not all(_inside(c, roots or folders) for c in candidates):
+        raise _refused(what, name, where)  # decided before looking whether it exists
+    return next((c for c in candidates if c.exists()), None)
+
+
+def _refused(what: str, name: str, where: str) -> InputError:
+    return InputError(f"{what} {name!r} is outside {where}, which is all a ComfyUI client may make the server read; "
+                      f"put the file there (the server's owner can allow any path with {ALLOW_ANY_PATH}=1)")
+
+
+def _input_folders() -> tuple[list[Path], str]:
+    """Where input files (images, videos) are looked for, and the same in words."""
+    if not in_comfyui():
+        return [Path.cwd(), ASSETS], "the current directory and the pack's workflows/assets"
+    import folder_paths
+    return [Path(folder_paths.get_input_directory()), ASSETS], "ComfyUI's input folder and the pack's workflows/assets"
+
+
+def input_files(suffixes: tuple[str, ...]) -> list[str]:
+    """Input files with one of `suffixes` (for a load node's list inside ComfyUI): ComfyUI's input folder, with
+    subfolders, and the shipped assets; sorted, without duplicates."""
+    names = set()
+    for folder in _input_folders()[0]:
+        if folder.is_dir():
+            names.update(_scan(folder, lambda p: p.suffix.lower() in suffixes))
+    return sorted(names)
+
+
+_ANNOTATION = re.compile(r"^(.*?)\s*\[(input|output|temp)\]$")
+
+
+def input_path(name: str, what: str = "input file") -> Path:
+    """The input file `name` refers to (an annotated name like ComfyUI core's `clip.mp4 [input]` reads that
+    folder), under the rule of the module docstring."""
+    if not isinstance(name, str) or not name.strip():
+        raise InputError(f"no {what} given; pick a file from the list or give its name")
+    folders, where = _input_folders()
+    annotated = _ANNOTATION.match(name.strip())
+    if annotated and in_comfyui():
+        import folder_paths
+        folder = {"input": folder_paths.get_input_directory, "output": folder_paths.get_output_directory,
+                  "temp": folder_paths.get_temp_directory}[annotated[2]]()
+        name, folders = annotated[1], [Path(folder)]
+        where = f"ComfyUI's {annotated[2]} folder"
+    path = readable(name, folders, what=what, where=where)
+    if path is None or not path.is_file():
+        looked = ", ".join(str(f) for f in folders) if any_path_allowed() else where
+        raise InputError(f"{what} {name!r} was not found (looked in {looked}); upload it or give an existing file")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------

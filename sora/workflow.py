@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -542,6 +543,9 @@ def _run_custom_check(plan: _Plan, node_id: str) -> None:
                             class_type=class_type, input_name=input_name) from e
     if verdict is not True:
         reason = "rejected by the node's own input check" if verdict is False or verdict is None else str(verdict)
+        named = re.match(r"input '([^']+)': (.*)", reason, re.DOTALL)  # a check of several inputs names the one
+        if input_name is None and named and named[1] in spec.inputs:
+            input_name, reason = named[1], named[2]
         raise WorkflowError(reason, node_id=node_id, class_type=class_type, input_name=input_name)
 
 

@@ -323,3 +323,26 @@ def test_core_samplers_drive_sora_sampler(server, tmp_path):
     prompt[by_class["SoraSampler"]]["inputs"]["positive"] = ["92", 0]
     entry = server.run(prompt)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[-3000:]
+
+
+def test_a_client_cannot_make_the_server_read_outside_its_folders(server, tmp_path_factory):
+    """The issue's attack: Sora Load Image given an absolute path of a PNG outside every ComfyUI folder, wired into
+    Sora Save Video. The server refuses the graph at validation, naming the node and input, and writes nothing."""
+    from PIL import Image
+
+    secret = tmp_path_factory.mktemp("outside") / "secret.png"
+    Image.new("RGB", (64, 32), (200, 30, 30)).save(secret)
+    outputs_before = sorted(p for p in (server.base / "output").rglob("*") if p.is_file())
+    for name in (str(secret), f"../../{secret.parent.name}/{secret.name}", str(secret.with_name("missing.png"))):
+        prompt = {"1": {"class_type": "SoraLoadImage", "inputs": {"image": name, "width": 0, "height": 0}},
+                  "2": {"class_type": "SoraSaveVideo", "inputs": {"frames": ["1", 0], "fps": 16.0, "crf": 19,
+                                                                   "filename_prefix": "stolen"}}}
+        request = urllib.request.Request(server.url + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        body = json.loads(refused.value.read())
+        errors = body["node_errors"]["1"]["errors"]
+        assert errors[0]["extra_info"]["input_name"] == "image", body
+        assert "outside ComfyUI's input folder" in errors[0]["details"], body
+    assert sorted(p for p in (server.base / "output").rglob("*") if p.is_file()) == outputs_before

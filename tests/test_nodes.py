@@ -181,9 +181,9 @@ def test_frame_conditioning_errors(node, call, message):
 def test_load_nodes_name_missing_files(tmp_path, monkeypatch):
     from sora.nodes.media import SoraLoadImage, SoraLoadVideo
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(InputError, match=r"^Sora Load Image: input 'image' = 'nope.png' was not found \(looked in "):
+    with pytest.raises(InputError, match=r"^Sora Load Image: input 'image': image 'nope.png' was not found \(looked "):
         SoraLoadImage().load("nope.png", 0, 0)
-    with pytest.raises(InputError, match=r"^Sora Load Video: input 'video' = ' ' is empty"):
+    with pytest.raises(InputError, match=r"^Sora Load Video: input 'video': no video given"):
         SoraLoadVideo().load(" ", 81, 0, 0, 0)
     (tmp_path / "broken.mp4").write_text("not a video")
     with pytest.raises(Exception, match=r"^Sora Load Video: input 'video': cannot read .*broken.mp4"):

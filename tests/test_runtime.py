@@ -68,12 +68,12 @@ def test_model_path_errors_say_where_they_looked(host):
     assert "--models-dir" in message
     with pytest.raises(InputError, match="no such file"):
         runtime.model_path("vae", str(host.models_dir / "missing.safetensors"))
-    with pytest.raises(InputError, match=r"must not contain '\.\.'"):
-        runtime.model_path("vae", "../vae/wan_2.1_vae.safetensors")
+    # headless the machine's own user runs the graph: a name may climb out of the model folder
+    assert runtime.model_path("vae", "../vae/wan_2.1_vae.safetensors").is_file()
     with pytest.raises(InputError, match="no vae model chosen"):
         runtime.model_path("vae", "")
     with pytest.raises(InputError, match="unknown model kind"):
-        runtime.model_files("loras")
+        runtime.model_files("checkpoints")
 
 
 @pytest.fixture
@@ -90,6 +90,8 @@ def comfy(tmp_path, monkeypatch):
     }
     folder_paths.get_folder_paths = lambda name: list(folder_paths.folder_names_and_paths[name][0])
     folder_paths.get_output_directory = lambda: str(state.base / "output")
+    folder_paths.get_input_directory = lambda: str(state.base / "input")
+    folder_paths.get_temp_directory = lambda: str(state.base / "temp")
 
     class ProgressBar:
         def __init__(self, total, node_id=None):
@@ -143,6 +145,101 @@ def test_inside_comfyui_errors_do_not_suggest_cli_flags(comfy, host):
     with pytest.raises(InputError) as e:
         runtime.model_path("vae", "headless_only.safetensors")
     assert str(comfy.base / "models" / "vae") in str(e.value) and "--models-dir" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a name may reach inside ComfyUI
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def server_files(comfy, tmp_path, monkeypatch):
+    """Inside ComfyUI: an input folder with an image (and one in a subfolder), a secret file outside every ComfyUI
+    folder, and a symlink in the input folder pointing at it."""
+    monkeypatch.delenv(runtime.ALLOW_ANY_PATH, raising=False)
+    files = types.SimpleNamespace(input=comfy.base / "input", secret=touch(tmp_path / "private" / "secret.png"))
+    files.image = touch(files.input / "frame.png")
+    files.nested = touch(files.input / "shots" / "clip.mp4")
+    files.output = touch(comfy.base / "output" / "render_00001_.mp4")
+    (files.input / "link.png").symlink_to(files.secret)
+    (files.input / "linked_dir").symlink_to(files.secret.parent, target_is_directory=True)
+    return files
+
+
+def escaping_names(files) -> list[str]:
+    """Names that lead out of ComfyUI's folders, each for an existing target and a missing one."""
+    names = []
+    for target in (files.secret, files.secret.with_name("missing.png")):
+        names += [str(target), f"../{target.parent.name}/{target.name}", f"~/{target.name}",
+                  f"C:\\Users\\me\\{target.name}", f"C:/Users/me/{target.name}", f"\\\\server\\share\\{target.name}",
+                  f"//server/share/{target.name}", f"shots/../../{target.name}", f"linked_dir/{target.name}"]
+    return names + ["link.png"]
+
+
+def test_inside_comfyui_input_names_outside_its_folders_are_refused_alike(server_files):
+    messages = set()
+    for name in escaping_names(server_files):
+        with pytest.raises(InputError) as e:
+            runtime.input_path(name, what="image")
+        messages.add(str(e.value).replace(repr(name), "NAME"))
+    assert messages == {"image NAME is outside ComfyUI's input folder and the pack's workflows/assets, which is all a "
+                        "ComfyUI client may make the server read; put the file there (the server's owner can allow "
+                        f"any path with {runtime.ALLOW_ANY_PATH}=1)"}  # one message, target there or not
+
+
+def test_inside_comfyui_input_names_inside_its_folders_load(server_files, comfy):
+    files = server_files
+    assert runtime.input_path("frame.png") == files.image
+    assert runtime.input_path("shots/clip.mp4") == files.nested  # subfolders allowed
+    assert runtime.input_path("shots\\clip.mp4") == files.nested  # a name saved on Windows
+    assert runtime.input_path("frame.png [input]") == files.image  # core's annotated names
+    assert runtime.input_path("render_00001_.mp4 [output]") == files.output
+    assert runtime.input_path("sora_start_frame.png") == runtime.ASSETS / "sora_start_frame.png"  # shipped assets
+    assert runtime.input_files((".png",)) == ["frame.png", "sora_start_frame.png"]  # the link out is not listed
+    with pytest.raises(InputError, match="'nothing.png' was not found"):
+        runtime.input_path("nothing.png")
+    with pytest.raises(InputError, match="is outside ComfyUI's output folder"):
+        runtime.input_path("../input/link.png [output]")
+
+
+def test_the_server_owner_can_allow_any_path(server_files, monkeypatch):
+    with pytest.raises(InputError, match="is outside"):
+        runtime.input_path(str(server_files.secret))
+    monkeypatch.setenv(runtime.ALLOW_ANY_PATH, "1")
+    assert runtime.input_path(str(server_files.secret)) == server_files.secret
+    assert runtime.input_path("link.png").resolve() == server_files.secret
+
+
+def test_inside_comfyui_model_paths_stay_in_the_model_folders(server_files, comfy, tmp_path):
+    models = comfy.base / "models"
+    dit = touch(models / "diffusion_models" / "wan.safetensors")
+    extra = touch(tmp_path / "extra_models" / "vae" / "wan_2.1_vae.safetensors")  # extra_model_paths.yaml
+    import folder_paths
+    folder_paths.folder_names_and_paths["vae"][0].append(str(extra.parent))
+    assert runtime.model_path("diffusion_models", str(dit), typed=True) == dit  # absolute, but inside
+    assert runtime.model_path("vae", "wan_2.1_vae.safetensors") == extra
+    assert runtime.model_path("vae", str(extra), typed=True) == extra
+    messages = set()
+    names = [n for n in escaping_names(server_files) if not n.startswith(("link", "shots"))]  # those are input names
+    for name in names + [str(server_files.image)]:  # the input folder is no model folder
+        with pytest.raises(InputError) as e:
+            runtime.model_path("vae", name, typed=True)
+        messages.add(str(e.value).replace(repr(name), "NAME"))
+    assert len(messages) == 1 and "outside ComfyUI's model folders" in messages.pop()
+
+
+def test_inside_comfyui_load_nodes_list_the_input_folder_and_refuse_other_names_before_running(server_files):
+    from sora.nodes import loaders, media
+    image = media.SoraLoadImage.INPUT_TYPES()["required"]["image"]
+    video = media.SoraLoadVideo.INPUT_TYPES()["required"]["video"]
+    assert image[0] == ["frame.png", "sora_start_frame.png"] and image[1]["image_upload"] is True
+    assert video[0] == ["shots/clip.mp4", "sora_source_clip.mp4"] and video[1]["video_upload"] is True
+    assert media.SoraLoadImage.VALIDATE_INPUTS("frame.png") is True
+    refusal = media.SoraLoadImage.VALIDATE_INPUTS(str(server_files.secret))
+    assert "is outside ComfyUI's input folder" in refusal
+    assert media.SoraLoadImage.IS_CHANGED(str(server_files.secret)) == str(server_files.secret)  # never read
+    assert "is outside ComfyUI's model folders" in loaders.SoraVAELoader.VALIDATE_INPUTS(
+        "nano (embedded)", path=str(server_files.secret))
+    assert loaders.SoraVAELoader.VALIDATE_INPUTS("nano (embedded)", path="") is True
 
 
 # ---------------------------------------------------------------------------------------------------------------
