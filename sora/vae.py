@@ -15,6 +15,7 @@ A LATENT holds raw VAE output (mu, not normalised), as in ComfyUI; `sora.latent_
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -241,6 +242,13 @@ class AttentionBlock(nn.Module):
         return out.add_(x)
 
 
+class NearestUp(nn.Module):
+    """2x nearest-neighbour upsampling of every frame [B, C, T, H, W] -> [B, C, T, 2H, 2W] (computed in float32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x.float(), scale_factor=(1, 2, 2), mode="nearest-exact").to(x.dtype)
+
+
 class Resample(nn.Module):
     """2x spatial up/downsampling, optionally with 2x temporal (`time_conv`).
 
@@ -258,7 +266,7 @@ class Resample(nn.Module):
         super().__init__()
         self.mode = mode
         if mode.startswith("upsample"):
-            self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, out_dim or dim, 3, padding=1))
+            self.resample = nn.Sequential(NearestUp(), nn.Conv2d(dim, out_dim or dim, 3, padding=1))
             if mode == "upsample3d":
                 self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
         elif mode.startswith("downsample"):
@@ -278,8 +286,7 @@ class Resample(nn.Module):
             x = self.time_conv(x, cache).view(B, 2, C, T, H, W)
             x = x.permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)  # frame 2t+g from half g of frame t
         if self.mode.startswith("upsample"):
-            x = F.interpolate(x.float(), scale_factor=(1, 2, 2), mode="nearest-exact").to(x.dtype)
-            return self._spatial_conv(x, 1, 1)
+            return self._spatial_conv(self.resample[0](x), 1, 1)
         x = self._spatial_conv(F.pad(x, (0, 1, 0, 1)), 2, 0)
         if self.mode == "downsample3d":
             if cache.first_visit(self):
@@ -430,6 +437,39 @@ class Decoder(nn.Module):
         return _run_head(self.head, x, cache)
 
 
+@functools.cache
+def footprint(config: VAEConfig, encode: bool) -> tuple[float, float]:
+    """(cached values, widest tensor) per latent cell of one chunk after the first, read off the encoder's or
+    decoder's own modules: they run on the meta device (no memory, no compute) for a 4x4-cell tile, and the causal
+    cache they fill and the largest tensor any module takes or returns are measured.
+
+    The working memory of a chunk is the cache plus a few tensors as wide as the widest (`sora.vae_tiling`).
+    """
+    side = 4
+    with torch.device("meta"):
+        net = Encoder(config) if encode else Decoder(config)
+    cache, widest, measuring = CausalCache(), [0], [False]
+
+    def measure(module, args, output):
+        if measuring[0]:
+            widest[0] = max([widest[0]] + [t.numel() for t in (*args, output) if isinstance(t, torch.Tensor)])
+    hooks = [m.register_forward_hook(measure) for m in net.modules()]
+    s, p = config.spatial_factor, config.patch_size
+    try:
+        with torch.no_grad():
+            for frames in (1, config.temporal_factor):  # the first chunk is one frame; the later ones are larger
+                measuring[0] = frames > 1
+                if encode:
+                    net(torch.empty(1, config.in_channels, frames, side * s // p, side * s // p, device="meta"), cache)
+                else:
+                    net(torch.empty(1, config.z_dim, 1, side, side, device="meta"), cache)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    cached = sum(t.numel() for t in cache.tails.values())
+    return cached / side**2, widest[0] / side**2
+
+
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """[B, C, F, H, W] -> [B, C*p*p, F, H/p, W/p]; channel c*p*p + r*p + q holds sub-row q, sub-column r."""
     if p == 1:
@@ -512,8 +552,10 @@ class WanVAE(nn.Module):
 
     def working_bytes(self, height: int, width: int, *, batch: int = 1, encode: bool = False) -> int:
         """Estimated peak working memory, in bytes, of one chunk of a `height` x `width` (latent cells) tile."""
-        return vae_tiling.estimate_working_bytes(self.config, height, width, batch=batch, encode=encode,
-                                                 itemsize=self.conv2.weight.element_size())
+        cached, widest = footprint(self.config, encode)
+        return vae_tiling.estimate_working_bytes(cached, widest, height, width, batch=batch, itemsize=self.conv2.weight
+                                                 .element_size(), copies=vae_tiling.ACTIVATION_COPIES[
+                                                     encode, self.config.residual_shortcuts])
 
     def plan_tiling(self, height: int, width: int, memory_budget: int | None, *, batch: int = 1,
                     encode: bool = False) -> Tiling | None:

@@ -15,14 +15,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import InputError
-
-if TYPE_CHECKING:
-    from .vae import VAEConfig
 
 MIN_TILE = 8  # latent cells; smaller tiles spend most of their area in the blended borders
 
@@ -149,57 +145,12 @@ def plan(height: int, width: int, budget: int, cost: Callable[[int, int], int]) 
     return Tiling(th, tw, overlap)
 
 
-def estimate_working_bytes(config: VAEConfig, height: int, width: int, *, batch: int = 1, encode: bool = False,
-                           itemsize: int = 4) -> int:
+def estimate_working_bytes(cached: float, widest: float, height: int, width: int, *, batch: int = 1,
+                           itemsize: int = 4, copies: float) -> int:
     """Estimated peak working memory of one chunk of a `height` x `width` latent-cell tile, weights excluded.
 
-    Sum of the causal caches (two frames of every cached conv's input, exact) plus `ACTIVATION_COPIES` tensors of
-    the widest layer (channels x frames x positions), calibrated against measured peaks, times `ALLOCATOR_HEADROOM`.
+    cached, widest: values per latent cell of the causal cache and of the widest tensor of a chunk, read off the
+    VAE's own modules (`sora.vae.footprint`); copies: how many tensors as wide as the widest are alive at the
+    peak (`ACTIVATION_COPIES`, calibrated against measured peaks). Times `ALLOCATOR_HEADROOM`.
     """
-    cached, widest = (_encoder_footprint if encode else _decoder_footprint)(config)
-    copies = ACTIVATION_COPIES[encode, config.residual_shortcuts]
     return int(ALLOCATOR_HEADROOM * itemsize * height * width * batch * (cached + copies * widest))
-
-
-def _decoder_footprint(cfg: VAEConfig) -> tuple[float, float]:
-    """(cached values, widest activation) per latent cell for one decoded latent frame."""
-    dims = cfg.decoder_dims
-    area, frames = 1, 1  # network positions per latent cell at this level, frames per chunk at this level
-    cached = 2 * (cfg.z_dim + 4 * dims[0])  # conv1 and the middle's four convs, two frames each
-    widest = float(dims[0])
-    levels = len(cfg.dim_mult)
-    temporal = tuple(reversed(cfg.temporal_downsample)) + (False,)
-    for i in range(levels):
-        in_dim = dims[i] if i == 0 or cfg.residual_shortcuts else dims[i] // 2
-        out_dim = dims[i + 1]
-        convs_in = in_dim + (2 * (cfg.num_res_blocks + 1) - 1) * out_dim
-        cached += 2 * area * convs_in
-        widest = max(widest, area * frames * max(in_dim, out_dim))
-        if i < levels - 1:
-            if temporal[i]:
-                cached += 2 * area * out_dim
-                frames *= 2
-            area *= 4
-            widest = max(widest, area * frames * out_dim)  # the upsampled tensor before its conv
-    cached += 2 * area * dims[-1]  # head conv
-    return cached, widest
-
-
-def _encoder_footprint(cfg: VAEConfig) -> tuple[float, float]:
-    """(cached values, widest activation) per latent cell for one encoded chunk of `temporal_factor` frames."""
-    dims = cfg.encoder_dims
-    levels = len(cfg.dim_mult)
-    area, frames = 4 ** (levels - 1), cfg.temporal_factor  # network positions per latent cell at full resolution
-    cached = 2 * area * cfg.in_channels
-    widest = float(area * frames * dims[0])
-    for i in range(levels):
-        in_dim, out_dim = dims[i], dims[i + 1]
-        cached += 2 * area * (in_dim + (2 * cfg.num_res_blocks - 1) * out_dim)
-        widest = max(widest, area * frames * max(in_dim, out_dim))
-        if i < levels - 1:
-            area //= 4
-            if cfg.temporal_downsample[i]:
-                cached += area * out_dim  # one frame before the strided time conv
-                frames //= 2
-    cached += 2 * (4 * dims[-1] + dims[-1])  # middle convs and head conv, at latent resolution
-    return cached, widest
