@@ -202,3 +202,25 @@ def test_repeated_runs_reuse_the_loaded_models(models, tmp_path, monkeypatch, ca
         assert cli.main(argv + overrides("wan21_t2v_1.3B")) == 0
     assert sorted(loads) == ["load_dit", "load_text_encoder", "load_vae"]  # once each, for three runs
     assert len(capsys.readouterr().out.split()) == 3  # three videos: _00001_, _00002_, _00003_
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_node_overlaps_another_as_the_editor_draws_them(name):
+    """The editor draws a title bar (30 px) above each node's `pos` and the body below; the body must hold every
+    socket row (20 px) and widget (about 24 px, a multiline text box at least 110 px) or the editor grows it over
+    its neighbours."""
+    ui = read(FOLDER / f"{name}.json")
+    boxes = []
+    for node in ui["nodes"]:
+        x, y = node["pos"]
+        width, height = node["size"]
+        if node["type"] in CLASSES:
+            spec = node_spec(CLASSES[node["type"]])
+            widgets = [i for i in spec.inputs.values() if i.is_widget]
+            needed = 20 * max(len(node["inputs"]), len(node["outputs"])) + 16 + \
+                sum(110 if i.options.get("multiline") else 24 for i in widgets)
+            assert height >= needed, (node["type"], height, needed)
+        boxes.append((node["id"], x, y - 30, x + width, y + height))
+    for i, (a, ax0, ay0, ax1, ay1) in enumerate(boxes):
+        for b, bx0, by0, bx1, by1 in boxes[i + 1:]:
+            assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, f"{name}: nodes {a} and {b} overlap"

@@ -39,7 +39,20 @@ MODEL_FILES = {
     UMT5: (_WAN21, "text_encoders"), WAN21_VAE: (_WAN21, "vae"), WAN22_VAE: (_WAN22, "vae"),
 }
 
-NODE_WIDTH, ROW_HEIGHT, COLUMN_GAP, ROW_GAP = 340, 26, 60, 40
+# How the editor (litegraph, ComfyUI's frontend) draws a node: a title bar of TITLE_HEIGHT above `pos`, then the
+# body (`size`): one SLOT_HEIGHT row per input socket or output (side by side), then the widgets, each
+# WIDGET_HEIGHT tall and a multiline text box at least MULTILINE_HEIGHT, and a little padding.
+NODE_WIDTH, COLUMN_GAP, ROW_GAP = 340, 60, 30
+TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, MULTILINE_HEIGHT, PADDING = 30, 20, 24, 110, 16
+
+
+def body_height(sockets: int, outputs: int, widgets: list) -> int:
+    """The height of a node's body (its `size[1]`) that shows every socket and widget without clipping.
+
+    widgets: each widget's spec (a `sora.workflow.InputSpec`), multiline text boxes taller than the rest.
+    """
+    rows = max(sockets, outputs) * SLOT_HEIGHT
+    return rows + sum(MULTILINE_HEIGHT if w.options.get("multiline") else WIDGET_HEIGHT for w in widgets) + PADDING
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,12 +139,13 @@ def to_ui(graph: Graph, specs: dict) -> dict:
     outputs_links: dict[tuple[int, int], list[int]] = {}
     column = _columns(graph)
     next_y: dict[int, int] = {}
-    note = {"id": len(graph.nodes) + 1, "type": "MarkdownNote", "pos": [40, 40], "size": [NODE_WIDTH, 220],
+    note = {"id": len(graph.nodes) + 1, "type": "MarkdownNote", "pos": [40, 40 + TITLE_HEIGHT],
+            "size": [NODE_WIDTH, 220],
             "flags": {}, "order": 0, "mode": 0, "inputs": [], "outputs": [], "properties": {},
             "widgets_values": [graph.description], "title": "About this workflow"}
     for order, node in enumerate(graph.nodes, 1):
         inputs_spec, return_types, return_names = specs[node.class_type]
-        slots, widgets = [], []
+        slots, widgets, widget_specs = [], [], []
         for name, spec, is_widget, has_control in inputs_spec:
             value = node.inputs.get(name)
             link_id = None
@@ -142,6 +156,7 @@ def to_ui(graph: Graph, specs: dict) -> dict:
                 outputs_links.setdefault((value.node.id, value.index), []).append(link_id)
             if is_widget:
                 widgets.append("" if isinstance(value, Output) else _value(node, name, spec))
+                widget_specs.append(spec)
                 if has_control:
                     widgets.append("fixed")  # the editor keeps seeds as saved: the example reproduces
             if not is_widget or link_id is not None:
@@ -150,9 +165,9 @@ def to_ui(graph: Graph, specs: dict) -> dict:
                     slot["widget"] = {"name": name}
                 slots.append(slot)
         x = 40 + column[node.id] * (NODE_WIDTH + COLUMN_GAP) + (NODE_WIDTH + COLUMN_GAP)
-        y = next_y.get(column[node.id], 40)
-        height = 40 + ROW_HEIGHT * max(len(widgets) + len(slots), len(return_types))
-        next_y[column[node.id]] = y + height + ROW_GAP
+        y = next_y.get(column[node.id], 40 + TITLE_HEIGHT)
+        height = body_height(len(slots), len(return_types), widget_specs)
+        next_y[column[node.id]] = y + height + ROW_GAP + TITLE_HEIGHT  # the next node's title bar clears this one
         entry = {"id": node.id, "type": node.class_type, "pos": [x, y], "size": [NODE_WIDTH, height],
                  "flags": {}, "order": order, "mode": 0, "inputs": slots,
                  "outputs": [{"name": return_names[i], "type": t, "links": [], "slot_index": i}
