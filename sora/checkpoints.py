@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -190,6 +191,20 @@ def strip_prefix(state_dict: StateDict, prefixes: tuple[str, ...], anchor: str) 
             n = len(prefix)
             return {k[n:]: v for k, v in state_dict.items() if k.startswith(prefix)}
     return state_dict
+
+
+def build(make: Callable[[], nn.Module], state_dict: StateDict, *, what: str, source: str | Path = "checkpoint",
+          weight_dtype: torch.dtype | None = None) -> nn.Module:
+    """`make()` built on the meta device (no memory), the file's tensors assigned into it (`load_into`), and its
+    Linear weights stored in `weight_dtype` when one is given (`sora.ops.cast_weights`)."""
+    from . import ops  # ops defines layers; this module only reads files
+
+    with torch.device("meta"):
+        model = make()
+    load_into(model, state_dict, what=what, source=source)
+    if weight_dtype is not None:
+        ops.cast_weights(model, weight_dtype)
+    return model
 
 
 def load_into(module: nn.Module, state_dict: StateDict, *, what: str, source: str | Path = "checkpoint",

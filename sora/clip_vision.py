@@ -25,7 +25,7 @@ from torch import nn
 
 from . import ops
 from .attention import attention, check_backend
-from .checkpoints import StateDict, describe, load_into, load_state_dict
+from .checkpoints import StateDict, build, describe, load_state_dict
 from .errors import CheckpointError, InputError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -478,11 +478,9 @@ def build_clip_vision(state_dict: StateDict, *, dtype: torch.dtype | None = None
         config = CLIPVisionConfig.from_state_dict(state_dict, **config_overrides)
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
-    with torch.device("meta"):
-        model = CLIPVisionEncoder(config)
-    load_into(model, state_dict, what="CLIP vision model", source=source)
+    model = build(lambda: CLIPVisionEncoder(config), state_dict, what="CLIP vision model", source=source,
+                  weight_dtype=dtype)  # Linear weights (an fp8 scale folded in first)
     if dtype is not None:
-        ops.cast_weights(model, dtype)  # Linear weights (an fp8 scale folded in first)
         if dtype.itemsize > 1:  # the rest too (biases, norms, embeddings, patch conv); fp8 leaves them as stored
             for module in model.modules():
                 for name, param in module.named_parameters(recurse=False):

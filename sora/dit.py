@@ -28,7 +28,7 @@ from torch import nn
 
 from . import ops
 from .attention import attention, check_backend
-from .checkpoints import StateDict, describe, load_into, load_state_dict, read_metadata, strip_prefix
+from .checkpoints import StateDict, build, describe, load_state_dict, read_metadata, strip_prefix
 from .errors import CheckpointError, InputError
 from .rope import apply_rope, rope_table
 
@@ -639,11 +639,7 @@ def load_dit(path: str | Path, *, weight_dtype: torch.dtype | None = None,
         config = detect_config(state_dict, read_metadata(path))
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    with torch.device("meta"):
-        model = WanDiT(config)
-    load_into(model, state_dict, what="Wan DiT", source=path)
-    if weight_dtype is not None:
-        ops.cast_weights(model, weight_dtype)
+    model = build(lambda: WanDiT(config), state_dict, what="Wan DiT", source=path, weight_dtype=weight_dtype)
     model.to(device)
     model.set_compute(dtype=compute_dtype, attention=attention)
     return model.eval().requires_grad_(False)

@@ -98,18 +98,11 @@ _cache: ModelCache | None = None
 
 
 def get_cache() -> ModelCache:
-    """The cache shared by the whole process."""
+    """The cache shared by the whole process (tests swap `_cache` for one of their own)."""
     global _cache
     if _cache is None:
         _cache = ModelCache()
     return _cache
-
-
-def set_cache(cache: ModelCache) -> ModelCache | None:
-    """Make `cache` the process's cache; returns the previous one."""
-    global _cache
-    previous, _cache = _cache, cache
-    return previous
 
 
 def load(loader: Callable[..., T], path: str | Path, **options) -> T:

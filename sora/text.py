@@ -26,8 +26,8 @@ import ftfy
 import torch
 from torch import nn
 
-from . import memory, ops
-from .checkpoints import StateDict, describe, load_into, load_state_dict, strip_prefix
+from . import memory
+from .checkpoints import StateDict, build, describe, load_state_dict, strip_prefix
 from .errors import CheckpointError, InputError
 from .guidance import Prompt
 from .text_umt5 import UMT5Config, UMT5Encoder, original_to_hf
@@ -339,11 +339,8 @@ def build_umt5(state_dict: StateDict, *, dtype: torch.dtype, weight_dtype: torch
     if missing:
         raise CheckpointError(f"{source}: the umT5 text encoder needs {missing[0]!r}, which the file lacks")
     config = UMT5Config.from_state_dict(state_dict)
-    with torch.device("meta"):
-        model = UMT5Encoder(config)
-    load_into(model, state_dict, what="umT5 text encoder", source=source)
-    if weight_dtype is not None:
-        ops.cast_weights(model, weight_dtype)
+    model = build(lambda: UMT5Encoder(config), state_dict, what="umT5 text encoder", source=source,
+                  weight_dtype=weight_dtype)
     model.set_compute_dtype(dtype)
     return model.to(device).eval().requires_grad_(False)
 

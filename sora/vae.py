@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import memory, vae_tiling
-from .checkpoints import StateDict, describe, load_into, load_state_dict, strip_prefix
+from .checkpoints import StateDict, build, describe, load_state_dict, strip_prefix
 from .errors import CheckpointError, InputError
 from .vae_tiling import Tiling
 
@@ -705,9 +705,7 @@ def load_vae(path: str | Path, *, dtype: torch.dtype | None = None, device: str 
         stored = state_dict["conv2.weight"].dtype
         dtype = stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
     state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
-    with torch.device("meta"):
-        model = WanVAE(config)
-    load_into(model, state_dict, what=f"Wan VAE ({describe_config(config)})", source=path)
+    model = build(lambda: WanVAE(config), state_dict, what=f"Wan VAE ({describe_config(config)})", source=path)
     return model.to(device).eval().requires_grad_(False)
 
 

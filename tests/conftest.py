@@ -52,7 +52,7 @@ def fresh_manager():
     from sora import memory, model_cache
 
     previous = memory.set_manager(memory.MemoryManager())
-    previous_cache = model_cache.set_cache(model_cache.ModelCache())
+    previous_cache, model_cache._cache = model_cache._cache, model_cache.ModelCache()
     yield
     memory.set_manager(previous) if previous is not None else None
-    model_cache.set_cache(previous_cache) if previous_cache is not None else None
+    model_cache._cache = previous_cache

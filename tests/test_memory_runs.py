@@ -130,11 +130,11 @@ def manager(files):
     """The process's manager with a budget of 75% of the DiT: it streams, and leaves the device for the decode."""
     fresh = MemoryManager(MemoryOptions(compute_device="cpu", budget_bytes=int(0.75 * files[2])))
     previous = memory.set_manager(fresh)
-    previous_cache = model_cache.set_cache(model_cache.ModelCache())
+    previous_cache, model_cache._cache = model_cache._cache, model_cache.ModelCache()
     yield fresh
     fresh.close()
     memory.set_manager(previous)
-    model_cache.set_cache(previous_cache)
+    model_cache._cache = previous_cache
     LEAKED.clear()
     PLACEMENTS.clear()
 
