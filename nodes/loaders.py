@@ -52,10 +52,11 @@ def _source(node: type, kind: str, input_name: str, name: str, path: str, embedd
         return embedded_file() if name == embedded else sora.runtime.model_path(kind, name)
 
 
-input_names = {"diffusion_models": "model_name", "text_encoders": "text_encoder_name", "vae": "vae_name"}
+INPUT_NAMES = {"diffusion_models": "model_name", "text_encoders": "text_encoder_name", "vae": "vae_name",
+               "loras": "lora_name", "clip_vision": "clip_name"}  # the list input of each kind's loader
 
 
-def _validate(kind: str, name, path, embedded: str) -> bool | str:
+def validate_file(kind: str, name, path, embedded: str | None) -> bool | str:
     """VALIDATE_INPUTS of a loader: the file its inputs name must be one a name may reach (`sora.runtime`'s rule),
     so a refused or missing file fails before the graph runs."""
     typed = isinstance(path, str) and bool(path.strip())
@@ -65,7 +66,7 @@ def _validate(kind: str, name, path, embedded: str) -> bool | str:
         elif isinstance(name, str) and name != embedded:
             sora.runtime.model_path(kind, name)
     except sora.errors.InputError as e:
-        return f"input '{'path' if typed else input_names[kind]}': {e}"
+        return f"input '{'path' if typed else INPUT_NAMES[kind]}': {e}"
     return True
 
 
@@ -113,7 +114,7 @@ class SoraModelLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model_name, path=""):
-        return _validate("diffusion_models", model_name, path, NANO)
+        return validate_file("diffusion_models", model_name, path, NANO)
 
     def load(self, model_name, weight_dtype, compute_dtype, attention, expert, path=""):
         file = _source(type(self), "diffusion_models", "model_name", model_name, path, NANO, sora.nano.dit_path)
@@ -162,7 +163,7 @@ class SoraTextEncoderLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, text_encoder_name, path=""):
-        return _validate("text_encoders", text_encoder_name, path, MINILM)
+        return validate_file("text_encoders", text_encoder_name, path, MINILM)
 
     def load(self, text_encoder_name, weight_dtype, compute_dtype, path=""):
         file = _source(type(self), "text_encoders", "text_encoder_name", text_encoder_name, path, MINILM,
@@ -206,7 +207,7 @@ class SoraVAELoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, vae_name, path=""):
-        return _validate("vae", vae_name, path, NANO)
+        return validate_file("vae", vae_name, path, NANO)
 
     def load(self, vae_name, dtype, path=""):
         file = _source(type(self), "vae", "vae_name", vae_name, path, NANO, sora.nano.vae_path)

@@ -51,7 +51,8 @@ class SoraScheduler:
                 "schedule": (list(sora.schedules.SCHEDULES), {
                     "default": "wan_unipc",
                     "tooltip": "wan_unipc: the reference grid (starts just below 1); wan_dpm: starts at exactly 1; "
-                               "linear: no shift."}),
+                               "linear: no shift; distill: the grid of the few-step distillation LoRAs (4 steps, "
+                               "shift 5 by default: guidance 1, sampler lcm)."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                       "tooltip": "1 generates from pure noise; lower keeps only the last steps of a "
                                                  "longer schedule (for video-to-video)."}),
@@ -59,7 +60,9 @@ class SoraScheduler:
         }
 
     def schedule(self, model, steps, shift, schedule, denoise):
-        if shift == 0:
+        if shift == 0 and schedule == "distill":
+            shift = sora.schedules.DISTILL_SHIFT
+        elif shift == 0:
             defaults = model.defaults()
             if defaults is None:
                 raise input_error(type(self), "shift", shift, f"asks for the reference default, but {model.name} "
@@ -142,7 +145,8 @@ class SoraSampler:
                                                   "5.0."}),
                 "sampler_name": (list(sora.samplers.SAMPLERS), {
                     "default": "unipc",
-                    "tooltip": "The solver: unipc (the Wan reference), dpm++_2m, or euler (first order)."}),
+                    "tooltip": "The solver: unipc (the Wan reference), dpm++_2m, euler (first order), or lcm "
+                               "(few-step distilled models: predicts the clean video and noises it afresh)."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                       "tooltip": "Run only the last part of the schedule: 1 = all steps; lower "
                                                  "values keep more of the input latent (video-to-video)."}),

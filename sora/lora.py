@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .checkpoints import load_state_dict, read_metadata
 from .dit import DIFFUSERS_BLOCK, DIFFUSERS_TOP_LEVEL
@@ -605,6 +606,51 @@ def apply_to_state_dict(state_dict: Mapping[str, torch.Tensor], patches: Mapping
             total += delta.reshape(total.shape)
         out[target] = total.to(weight.dtype)
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Onto a model handle
+# ------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Applied:
+    """A LoRA file matched to one model: the handle patches, and what did not apply.
+
+    patches: one `sora.handle.WeightPatch` per matched patch; matched_keys / total_keys: file keys that went into
+    them / in the file; unmatched: "key: reason" for each other key; layout: as `LoraFile.layout`.
+    """
+    patches: tuple
+    matched_keys: int
+    total_keys: int
+    unmatched: list[str]
+    layout: str
+
+    def summary(self, name: str) -> str:
+        """One line for the log and the node: "name: 400 of 400 keys applied (original layout)"."""
+        return f"{name}: {self.matched_keys} of {self.total_keys} keys applied ({self.layout} layout)"
+
+
+def apply_lora(lora: LoraFile, model: nn.Module, strength: float, *, name: str = "LoRA") -> Applied:
+    """The patches of `lora` that fit `model` (a `WanDiT`), at `strength`, for `ModelHandle.patched`.
+
+    Raises CheckpointError when nothing in the file applies: it is a LoRA of another model family (named when it
+    looks like one) or of another Wan variant."""
+    from .handle import WeightPatch
+
+    shapes = {k: v.shape for k, v in model.state_dict(keep_vars=True).items()}
+    matched, unmatched = match(lora, shapes)
+    keys = sum(len(p.keys) for plist in matched.values() for p in plist)
+    total = keys + len(unmatched)
+    if not matched:
+        family = guess_family([line.split(": ", 1)[0] for line in unmatched] + lora.keys)
+        kind = f"it looks like a {family} LoRA" if family and family != "Wan" else \
+            "its keys are for another Wan model (size or variant)" if family == "Wan" else \
+            "none of its keys names a part of a Wan diffusion model"
+        first = "; ".join(unmatched[:3])
+        raise CheckpointError(f"{name}: no key of this LoRA fits the model ({kind}); for example {first}")
+    patches = tuple(WeightPatch(target, patch, float(strength), name)
+                    for target, plist in matched.items() for patch in plist)
+    return Applied(patches, keys, total, unmatched, lora.layout)
 
 
 # ------------------------------------------------------------------------------------------------------------------

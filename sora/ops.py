@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,20 +25,32 @@ PATCHES = "sora_patches"  # module attribute: {parameter name: (BoundPatch, ...)
 
 @dataclass(frozen=True)
 class BoundPatch:
-    """A patch of one parameter at a strength, its tensors on the compute device.
+    """A patch of one parameter at a strength.
 
     delta: an object with `delta(strength, dtype) -> Tensor` (the full-size change of the parameter); when it also
-        has `down`, `up` and `scale` (a low-rank patch without a mid matrix), `Linear` applies it on the activations.
+        has 2-D `down`, `up` and a `scale` (a low-rank patch without a mid matrix), `Linear` applies it on the
+        activations. Its factors are copied to a compute device once and kept (`factors`).
     """
     delta: object
     strength: float
+    _copies: dict = field(default_factory=dict, compare=False, repr=False)  # (device, dtype) -> (down, up)
 
     @property
     def low_rank(self) -> bool:
-        return all(hasattr(self.delta, a) for a in ("down", "up", "scale")) and getattr(self.delta, "mid", None) is None
+        d = self.delta
+        return all(hasattr(d, a) for a in ("down", "up", "scale")) and getattr(d, "mid", None) is None \
+            and d.down.ndim == 2
 
-    def full(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.delta.delta(self.strength, dtype)
+    def full(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+        return self.delta.delta(self.strength, dtype).to(device)
+
+    def factors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) of a low-rank patch on `device` in `dtype`, up scaled by strength · alpha / rank."""
+        key = (device, dtype)
+        if key not in self._copies:
+            d = self.delta
+            self._copies[key] = (d.down.to(device, dtype), (d.up.float() * (self.strength * d.scale)).to(device, dtype))
+        return self._copies[key]
 
 
 def patches_of(module: nn.Module, name: str) -> Sequence[BoundPatch]:
@@ -50,7 +62,7 @@ def patched(module: nn.Module, name: str, dtype: torch.dtype = torch.float32) ->
     """`module.<name>` in `dtype` with the patches installed on it added (the tensor itself when there are none)."""
     value = getattr(module, name).to(dtype)
     for patch in patches_of(module, name):
-        value = value + patch.full(dtype).to(value.device).reshape(value.shape)
+        value = value + patch.full(dtype, value.device).reshape(value.shape)
     return value
 
 
@@ -92,12 +104,12 @@ class Linear(nn.Linear):
         low_rank = [p for p in table.get("weight", ()) if p.low_rank]
         for patch in table.get("weight", ()):
             if not patch.low_rank:
-                weight = weight + patch.full(dtype)
+                weight = weight + patch.full(dtype, weight.device).reshape(weight.shape)
         bias = None if self.bias is None else patched(self, "bias", dtype)
         out = F.linear(x, weight, bias)
         for patch in low_rank:  # x·downᵀ·upᵀ: rank-r work instead of a full-size delta
-            lora = patch.delta
-            out = out + F.linear(F.linear(x, lora.down.to(dtype)), lora.up.to(dtype)) * (patch.strength * lora.scale)
+            down, up = patch.factors(x.device, dtype)
+            out = out + F.linear(F.linear(x, down), up)
         return out
 
 

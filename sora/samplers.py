@@ -216,7 +216,7 @@ def run_sampling(model, latent: torch.Tensor, sigmas: torch.Tensor, positive, ne
     positive, negative: text contexts [B or 1, L, D], or lists of `sora.guidance.Prompt` (several conditioning
         entries, combined as ComfyUI combines them); negative None runs without guidance.
     guidance: the CFG scale, one number or one per step of `sigmas`; 1 skips the unconditional pass.
-    sampler: "euler", "unipc" or "dpm++_2m", or an `ExternalSampler`.
+    sampler: "euler", "unipc", "dpm++_2m" or "lcm" (few-step distilled models), or an `ExternalSampler`.
     seed: the initial noise (see `initial_noise`).
     noise_mask: LATENT "noise_mask" [B, 1, T, H, W], 1 = generate, 0 = keep (see sora.conditioning); kept frames
         come back exactly as given.
@@ -273,7 +273,7 @@ def run_sampling(model, latent: torch.Tensor, sigmas: torch.Tensor, positive, ne
         after=(lambda i, x0: callback(i + 1, total, fmt.denormalize(x0))) if callback is not None else None)
     initial = noise if add_noise else torch.zeros_like(noise)
     if isinstance(sampler, str):
-        x, x0 = solve(make_solver(sampler, sigmas), velocity, initial, start, known, hooks)
+        x, x0 = solve(make_solver(sampler, sigmas, seed), velocity, initial, start, known, hooks)
     else:
         x, x0 = solve_with(sampler, velocity, initial, start, sigmas, known, hooks, lambda: cfg.last)
     return Sampled(finish(x, sigmas[-1], fmt, raw, known).to(latent.device),

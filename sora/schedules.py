@@ -11,6 +11,10 @@ The Wan reference has two grids (ARCH_FACTS §4.2), both bent towards high noise
   diffusers' `DPMSolverMultistepScheduler(use_flow_sigmas=True)` builds the same grid.
 - "wan_dpm": `linspace(1, 0, steps + 1)[:steps]`, shifted; σ0 is exactly 1.
 - "linear": `1 − i/steps`, no shift (the plain rectified-flow grid; "wan_dpm" with shift 1).
+- "distill": the grid few-step distilled Wan models were trained on (lightx2v step/CFG distill, Wan 2.2
+  Lightning, ECOSYSTEM_FACTS §2): timesteps `1000·(1 − i/steps)`, shifted, with shift 5 unless one is given
+  (`DISTILL_SHIFT`). Four steps give σ = 1, 0.9375, 0.8333, 0.625, the published list; run it with guidance 1
+  and the lcm sampler (lightx2v Wan 2.1) or euler (Wan 2.2 Lightning).
 
 diffusers' `UniPCMultistepScheduler(use_flow_sigmas=True)` uses a third grid, `linspace(1, 1/1000, steps + 1)`,
 shifted, with σ0 nudged to 1 − 1e-6; pass it through `custom_sigmas` if you need it.
@@ -24,7 +28,8 @@ import torch
 
 from .errors import InputError
 
-SCHEDULES = ("wan_unipc", "wan_dpm", "linear")
+SCHEDULES = ("wan_unipc", "wan_dpm", "linear", "distill")
+DISTILL_SHIFT = 5.0  # the shift of the published distillation timesteps
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -60,7 +65,7 @@ def flow_sigmas(steps: int, shift: float = 5.0, schedule: str = "wan_unipc", den
     total = int(steps / denoise)
     if schedule == "wan_unipc":
         sigmas = shift_sigmas(_linspace(0.999, 0.0, total + 1)[:-1], shift)
-    elif schedule == "wan_dpm":
+    elif schedule in ("wan_dpm", "distill"):
         sigmas = shift_sigmas(_linspace(1.0, 0.0, total + 1)[:-1], shift)
     else:
         sigmas = _linspace(1.0, 0.0, total + 1)[:-1]

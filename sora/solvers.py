@@ -128,10 +128,31 @@ class DPMSolverPP2M(Solver):
         return x_next
 
 
-SAMPLERS: dict[str, type[Solver]] = {"euler": Euler, "unipc": UniPC, "dpm++_2m": DPMSolverPP2M}
+class LCM(Solver):
+    """Consistency-style few-step sampling (what distillation LoRAs such as lightx2v's step-distill and CausVid are
+    trained for, ECOSYSTEM_FACTS §2): predict x0 = x − σ·v, then noise it afresh to the next sigma,
+    x' = (1 − σ')·x0 + σ'·ε with new noise ε; the last step returns x0. The fresh noise comes from a CPU generator
+    seeded with the run's seed (as ComfyUI's lcm sampler seeds its noise sampler), so a seed gives the same video
+    on every device."""
+
+    def __init__(self, sigmas: Sequence[float], seed: int = 0):
+        super().__init__(sigmas)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def step(self, i: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        x0 = x - self.sigmas[i] * v
+        sigma = self.sigmas[i + 1]
+        if sigma == 0.0:
+            return x0
+        noise = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.device)
+        return (1.0 - sigma) * x0 + sigma * noise
 
 
-def make_solver(name: str, sigmas: Sequence[float]) -> Solver:
+SAMPLERS: dict[str, type[Solver]] = {"euler": Euler, "unipc": UniPC, "dpm++_2m": DPMSolverPP2M, "lcm": LCM}
+
+
+def make_solver(name: str, sigmas: Sequence[float], seed: int = 0) -> Solver:
+    """The solver `name` over `sigmas`; `seed` feeds the ones that draw fresh noise (lcm)."""
     if name not in SAMPLERS:
         raise InputError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name](sigmas)
+    return LCM(sigmas, seed) if name == "lcm" else SAMPLERS[name](sigmas)

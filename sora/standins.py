@@ -10,6 +10,11 @@
                                                              embedded SentencePiece model (`spiece_model`)
     DIR/vae/wan_2.1_vae.safetensors                          Wan 2.1 VAE layout: z_dim 16, 8x / 4x compression
     DIR/vae/wan2.2_vae.safetensors                           Wan 2.2 VAE layout: z_dim 48, 16x / 4x compression
+    DIR/diffusion_models/wan2.1_t2v_14B_bf16.safetensors    the Wan 2.1 T2V 14B name (same tiny shapes as 1.3B)
+    DIR/loras/wan2.1_t2v_14b_lora_rank64_lightx2v_4step.safetensors   lightx2v's distill LoRA layout: original
+                                                             names, lora_down/up with alpha, diff_b, diff, diff_m
+    DIR/loras/wan2.2_i2v_A14b_{high,low}_noise_lora_rank64_lightx2v_4step_1022.safetensors   the A14B pair's
+                                                             LoRAs (lora_A/lora_B, no alpha)
 
 The tensors follow the real key layouts and are detected by the loaders exactly like the real files (the DiTs have
 128-channel heads, the umT5 width equals the DiTs' text_dim, the VAEs have the real latent channels and
@@ -88,6 +93,36 @@ def _vae(config: VAEConfig, dtype: torch.dtype, seed: int) -> Callable[[], State
     return build
 
 
+def _lora(config: DiTConfig, seed: int, *, rank: int = 4, alpha: bool = True, full_deltas: bool = True,
+          down_up: tuple[str, str] = ("lora_down", "lora_up")) -> Callable[[], StateDict]:
+    """A random LoRA for a DiT of `config` in the original layout under `diffusion_model.`: a low-rank pair on every
+    Linear of the blocks (and the text/time embeddings and head), and, like lightx2v's distill LoRAs, `diff_b` on
+    their biases, `diff` on the norms and `diff_m` on each block's modulation."""
+    def build() -> StateDict:
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in WanDiT(config).state_dict().items()}
+        generator = torch.Generator().manual_seed(seed)
+
+        def rand(*shape):
+            return (torch.randn(*shape, generator=generator) * 0.02).to(torch.bfloat16)
+        tensors = {}
+        for key, shape in shapes.items():
+            base = "diffusion_model." + key.removesuffix(".weight").removesuffix(".bias")
+            if key.endswith(".weight") and len(shape) == 2 and not key.startswith("patch_embedding"):
+                tensors[f"{base}.{down_up[0]}.weight"] = rand(rank, shape[1])
+                tensors[f"{base}.{down_up[1]}.weight"] = rand(shape[0], rank)
+                if alpha:
+                    tensors[f"{base}.alpha"] = torch.tensor(float(rank))
+            elif full_deltas and key.endswith(".bias") and not key.startswith("patch_embedding"):
+                tensors[f"{base}.diff_b"] = rand(*shape)
+            elif full_deltas and key.endswith("modulation") and key.startswith("blocks."):
+                tensors[f"diffusion_model.{key.rsplit('.', 1)[0]}.diff_m"] = rand(*shape)
+            elif full_deltas and ("norm" in key) and key.endswith(".weight"):
+                tensors[f"{base}.diff"] = rand(*shape)
+        return tensors
+    return build
+
+
 def spiece_model() -> bytes:
     """A tiny SentencePiece model with umT5's special ids (pad 0, EOS 1, unk 2, no BOS); deterministic."""
     import sentencepiece
@@ -130,6 +165,12 @@ STANDINS: tuple[StandIn, ...] = (
     StandIn("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", _umt5_scaled_fp8(3)),
     StandIn("vae", "wan_2.1_vae.safetensors", _vae(WAN21_VAE_STANDIN, torch.bfloat16, 4)),
     StandIn("vae", "wan2.2_vae.safetensors", _vae(WAN22_VAE_STANDIN, torch.float32, 5)),
+    StandIn("diffusion_models", "wan2.1_t2v_14B_bf16.safetensors", _dit(WAN21_DIT_STANDIN, torch.bfloat16, 8)),
+    StandIn("loras", "wan2.1_t2v_14b_lora_rank64_lightx2v_4step.safetensors", _lora(WAN21_DIT_STANDIN, 9)),
+    StandIn("loras", "wan2.2_i2v_A14b_high_noise_lora_rank64_lightx2v_4step_1022.safetensors",
+            _lora(WAN22_I2V_DIT_STANDIN, 10, alpha=False, full_deltas=False, down_up=("lora_A", "lora_B"))),
+    StandIn("loras", "wan2.2_i2v_A14b_low_noise_lora_rank64_lightx2v_4step_1022.safetensors",
+            _lora(WAN22_I2V_DIT_STANDIN, 11, alpha=False, full_deltas=False, down_up=("lora_A", "lora_B"))),
 )
 
 

@@ -16,7 +16,19 @@ from test_dit import diffusers_forward, diffusers_model, rel_err
 from sora.checkpoints import load_into
 from sora.dit import DiTConfig, WanDiT, convert_diffusers
 from sora.errors import CheckpointError, InputError
-from sora.lora import FullDelta, LoHa, LoKr, LowRank, apply_to_state_dict, guess_family, kohya_name, match, read_lora
+from sora.handle import ModelHandle
+from sora.lora import (
+    FullDelta,
+    LoHa,
+    LoKr,
+    LowRank,
+    apply_lora,
+    apply_to_state_dict,
+    guess_family,
+    kohya_name,
+    match,
+    read_lora,
+)
 
 REL_TOL = 1e-5
 CFG = DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=24, freq_dim=32)
@@ -243,8 +255,12 @@ def test_matches_diffusers_peft(name, make, prefix):
         load_into(ours, apply_to_state_dict(base, matched, s), what="Wan DiT")
         with torch.no_grad():
             out = ours(x, t, context)
+            on_the_fly = ModelHandle(plain).patched(*apply_lora(lora, plain, s).patches)(x, t, context)
         assert rel_err(out, expected) <= REL_TOL, s
+        assert rel_err(on_the_fly, expected) <= REL_TOL, s  # the handle's patches, the base weights untouched
         assert rel_err(without, expected) > 1e-2  # the LoRA did something, in diffusers too
+    with torch.no_grad():
+        assert torch.equal(plain(x, t, context), without)
 
 
 # ------------------------------------------------------------------------------------------------------------------

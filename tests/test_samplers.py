@@ -179,3 +179,13 @@ def test_sample_rejects_bad_inputs_clearly():
         sample(model, torch.zeros(1, 16, 2, 4, 4), flow_sigmas(4, 5.0), tiny_context(), None, guidance=5.0)
     with pytest.raises(InputError, match="config"):
         sample(lambda x, t, c: x, torch.zeros(1, 16, 2, 4, 4), flow_sigmas(4, 5.0), tiny_context())
+
+
+def test_lcm_predicts_x0_and_noises_it_afresh_with_the_seed():
+    from sora.solvers import LCM
+    sigmas = [1.0, 0.6, 0.0]
+    x, v = torch.randn(1, 2, 1, 2, 2), torch.randn(1, 2, 1, 2, 2)
+    solver = LCM(sigmas, seed=5)
+    fresh = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))  # the first draw of the seed's stream
+    torch.testing.assert_close(solver.step(0, x, v), 0.4 * (x - 1.0 * v) + 0.6 * fresh)
+    torch.testing.assert_close(solver.step(1, x, v), x - 0.6 * v)  # the last step returns x0

@@ -119,3 +119,10 @@ def test_expert_counts_follow_the_reference_rule(task):
     # ARCH_FACTS §4.9's worked counts.
     assert expert_step_counts(sigmas, defaults.boundary_t) == {"wan22_t2v_a14b": (26, 14),
                                                                "wan22_i2v_a14b": (15, 25)}[task]
+
+
+def test_the_distill_schedule_is_the_published_four_step_grid():
+    # lightx2v: timesteps 1000, 750, 500, 250 on the shift-5 grid (ECOSYSTEM_FACTS §2.1), by hand: 5σ/(1 + 4σ)
+    expected = [5 * s / (1 + 4 * s) for s in (1.0, 0.75, 0.5, 0.25)] + [0.0]
+    torch.testing.assert_close(flow_sigmas(4, 5.0, "distill"), torch.tensor(expected), rtol=0, atol=1e-7)
+    assert [round(float(s), 4) for s in flow_sigmas(4, 5.0, "distill")] == [1.0, 0.9375, 0.8333, 0.625, 0.0]

@@ -33,7 +33,10 @@ EXPECTED = {
     "wan22_ti2v_5B_long_clip": (9 + 8 + 8, 64, 32, 24),  # clip, then two extensions of 8 new frames each
     "wan22_ti2v_5B_i2v": (9, 64, 32, 24), "wan21_v2v_1.3B": (9, 64, 32, 16), "wan22_i2v_A14B": (9, 64, 32, 16),
     "nano_t2v": (33, 64, 64, 16), "nano_prompt_expansion": (33, 64, 64, 16),
+    "wan21_t2v_14B_distill_lora": (9, 64, 32, 16),
 }
+FILE_INPUTS = {"model_name": "diffusion_models", "text_encoder_name": "text_encoders", "vae_name": "vae",
+               "lora_name": "loras"}  # loader input -> the model folder it reads
 
 
 def read(path: Path) -> dict:
@@ -109,13 +112,20 @@ def test_workflows_validate_in_both_formats(name):
 def test_the_editor_is_told_which_model_files_go_where(name):
     """The workflow's `models` list feeds the editor's missing-models dialog: every file a loader names, in the
     folder that loader reads, and nothing for the embedded models."""
-    folders = {"model_name": "diffusion_models", "text_encoder_name": "text_encoders", "vae_name": "vae"}
-    needed = {(node["inputs"][key], folder) for node in read(FOLDER / "api" / f"{name}.json").values()
-              for key, folder in folders.items() if "(embedded)" not in node["inputs"].get(key, "(embedded)")}
-    listed = read(FOLDER / f"{name}.json")["models"]
+    ui = read(FOLDER / f"{name}.json")
+    nodes = list(load_workflow(FOLDER / f"{name}.json", CLASSES).prompt.values())
+    nodes += [{"inputs": dict(zip(["model", "lora_name"], [None, n["widgets_values"][0]]))}
+              for n in ui["nodes"] if n["type"] == "SoraLoraLoader" and n["mode"] == 4]  # bypassed LoRAs too
+    needed = {(node["inputs"][key], folder) for node in nodes
+              for key, folder in FILE_INPUTS.items() if "(embedded)" not in node["inputs"].get(key, "(embedded)")}
+    listed = ui["models"]
     assert {(m["name"], m["directory"]) for m in listed} == needed and len(listed) == len(needed)
-    assert all(m["url"].startswith("https://huggingface.co/Comfy-Org/") and m["url"].endswith(
-        f"/split_files/{m['directory']}/{m['name']}") for m in listed)
+    for m in listed:
+        if m["directory"] == "loras":  # lightx2v's releases
+            assert m["url"].startswith("https://huggingface.co/lightx2v/") and m["url"].endswith(f"/{m['name']}")
+        else:
+            assert m["url"].startswith("https://huggingface.co/Comfy-Org/") and m["url"].endswith(
+                f"/split_files/{m['directory']}/{m['name']}")
 
 
 def test_readme_lists_every_workflow_and_the_models_it_needs():
@@ -123,11 +133,8 @@ def test_readme_lists_every_workflow_and_the_models_it_needs():
     for name in NAMES:
         assert f"\n### {name}.json\n" in readme, name
         section = readme.split(f"\n### {name}.json\n", 1)[1].split("\n### ", 1)[0]
-        for node in read(FOLDER / "api" / f"{name}.json").values():
-            for key in ("model_name", "text_encoder_name", "vae_name"):
-                file = node["inputs"].get(key)
-                if file and "(embedded)" not in file:
-                    assert file in section, f"{name}: {file}"
+        for m in read(FOLDER / f"{name}.json")["models"]:
+            assert f"{m['directory']}/{m['name']}" in section, f"{name}: {m['name']}"
 
 
 def overrides(name: str) -> list[str]:

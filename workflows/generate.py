@@ -33,10 +33,22 @@ NANO, MINILM, SMOLLM = "nano (embedded)", "minilm (embedded)", "smollm2-135m (em
 # Where the editor's missing-models dialog offers each file (ComfyUI's repackaged releases), and its folder.
 _WAN21 = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/"
 _WAN22 = "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/"
-MODEL_FILES = {
-    WAN21_DIT: (_WAN21, "diffusion_models"), WAN22_DIT: (_WAN22, "diffusion_models"),
-    I2V_HIGH: (_WAN22, "diffusion_models"), I2V_LOW: (_WAN22, "diffusion_models"),
-    UMT5: (_WAN21, "text_encoders"), WAN21_VAE: (_WAN21, "vae"), WAN22_VAE: (_WAN22, "vae"),
+WAN21_14B_DIT = "wan2.1_t2v_14B_bf16.safetensors"
+DISTILL_LORA = "wan2.1_t2v_14b_lora_rank64_lightx2v_4step.safetensors"
+I2V_HIGH_LORA = "wan2.2_i2v_A14b_high_noise_lora_rank64_lightx2v_4step_1022.safetensors"
+I2V_LOW_LORA = "wan2.2_i2v_A14b_low_noise_lora_rank64_lightx2v_4step_1022.safetensors"
+_LIGHTX2V_21 = "https://huggingface.co/lightx2v/Wan2.1-Distill-Loras/resolve/main/"
+_LIGHTX2V_22 = "https://huggingface.co/lightx2v/Wan2.2-Distill-Loras/resolve/main/"
+MODEL_FILES = {  # file -> (the address it is downloaded from, its folder)
+    WAN21_DIT: (_WAN21 + "diffusion_models/", "diffusion_models"),
+    WAN21_14B_DIT: (_WAN21 + "diffusion_models/", "diffusion_models"),
+    WAN22_DIT: (_WAN22 + "diffusion_models/", "diffusion_models"),
+    I2V_HIGH: (_WAN22 + "diffusion_models/", "diffusion_models"),
+    I2V_LOW: (_WAN22 + "diffusion_models/", "diffusion_models"),
+    UMT5: (_WAN21 + "text_encoders/", "text_encoders"), WAN21_VAE: (_WAN21 + "vae/", "vae"),
+    WAN22_VAE: (_WAN22 + "vae/", "vae"),
+    DISTILL_LORA: (_LIGHTX2V_21, "loras"), I2V_HIGH_LORA: (_LIGHTX2V_22, "loras"),
+    I2V_LOW_LORA: (_LIGHTX2V_22, "loras"),
 }
 
 # How the editor (litegraph, ComfyUI's frontend) draws a node: a title bar of TITLE_HEIGHT above `pos`, then the
@@ -71,6 +83,7 @@ class Node:
     class_type: str
     inputs: dict
     title: str | None = None
+    bypassed: bool = False  # in the editor's format: there, off (mode 4); the API format passes its input through
 
     def __getitem__(self, index: int) -> Output:
         return Output(self, index)
@@ -82,10 +95,19 @@ class Graph:
     description: str  # shown in a note in the editor
     nodes: list[Node] = field(default_factory=list)
 
-    def add(self, class_type: str, title: str | None = None, **inputs) -> Node:
-        node = Node(len(self.nodes) + 1, class_type, inputs, title)
+    def add(self, class_type: str, title: str | None = None, bypassed: bool = False, **inputs) -> Node:
+        node = Node(len(self.nodes) + 1, class_type, inputs, title, bypassed)
         self.nodes.append(node)
         return node
+
+
+def _through(value: Output, specs: dict) -> Output:
+    """Where a bypassed node's output comes from: its input of the output's type, as the editor passes it on."""
+    while value.node.bypassed:
+        wanted = specs[value.node.class_type][1][value.index]
+        value = next(v for name, v in value.node.inputs.items() if isinstance(v, Output)
+                     and specs[v.node.class_type][1][v.index] == wanted)
+    return value
 
 
 def _specs(classes: dict) -> dict:
@@ -113,10 +135,13 @@ def to_api(graph: Graph, specs: dict, display_names: dict) -> dict:
         unknown = set(node.inputs) - {name for name, *_ in specs[node.class_type][0]}
         if unknown:
             raise ValueError(f"{graph.name}: {node.class_type} has no input(s) {sorted(unknown)}")
+        if node.bypassed:
+            continue
         inputs = {}
         for name, spec, is_widget, _ in specs[node.class_type][0]:
             value = _value(node, name, spec) if is_widget or name in node.inputs else None
             if isinstance(value, Output):
+                value = _through(value, specs)
                 inputs[name] = [str(value.node.id), value.index]
             elif value is not None:
                 inputs[name] = value
@@ -169,7 +194,7 @@ def to_ui(graph: Graph, specs: dict) -> dict:
         height = body_height(len(slots), len(return_types), widget_specs)
         next_y[column[node.id]] = y + height + ROW_GAP + TITLE_HEIGHT  # the next node's title bar clears this one
         entry = {"id": node.id, "type": node.class_type, "pos": [x, y], "size": [NODE_WIDTH, height],
-                 "flags": {}, "order": order, "mode": 0, "inputs": slots,
+                 "flags": {}, "order": order, "mode": 4 if node.bypassed else 0, "inputs": slots,
                  "outputs": [{"name": return_names[i], "type": t, "links": [], "slot_index": i}
                              for i, t in enumerate(return_types)],
                  "properties": {"Node name for S&R": node.class_type}, "widgets_values": widgets}
@@ -180,7 +205,7 @@ def to_ui(graph: Graph, specs: dict) -> dict:
         for output in entry["outputs"]:
             output["links"] = outputs_links.get((entry["id"], output["slot_index"]), [])
     files = [v for node in graph.nodes for v in node.inputs.values() if isinstance(v, str) and v in MODEL_FILES]
-    models = [{"name": f, "url": MODEL_FILES[f][0] + f"{MODEL_FILES[f][1]}/{f}", "directory": MODEL_FILES[f][1]}
+    models = [{"name": f, "url": MODEL_FILES[f][0] + f, "directory": MODEL_FILES[f][1]}
               for f in dict.fromkeys(files)]
     return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"sora-video-dit/workflows/{graph.name}")), "revision": 0,
             "last_node_id": note["id"], "last_link_id": len(links), "nodes": nodes_json + [note], "links": links,
@@ -296,9 +321,16 @@ def wan22_i2v_a14b() -> Graph:
               "ComfyUI upload your own image to the input folder and type its name.\n\n"
               "Models (ComfyUI's models/ folders, or `sora run --models-dir DIR` with DIR/<folder>/):\n"
               f"- diffusion_models/{I2V_HIGH}\n- diffusion_models/{I2V_LOW}\n- text_encoders/{UMT5}\n"
-              f"- vae/{WAN21_VAE}\n\nSmoke test without the real weights: `sora stand-ins DIR`.")
+              f"- vae/{WAN21_VAE}\n\nOptional 4-step distillation (the two LoRA nodes are bypassed; turn both on, then "
+              "set 4 steps, schedule distill, guidance 1, sampler euler): "
+              f"loras/{I2V_HIGH_LORA} and loras/{I2V_LOW_LORA}.\n\n"
+              "Smoke test without the real weights: `sora stand-ins DIR`.")
     high, encoder, vae = _loaders(g, I2V_HIGH, UMT5, WAN21_VAE)
     low = g.add("SoraModelLoader", model_name=I2V_LOW)
+    # Optional (bypassed; turn them on with Ctrl+B): the 4-step distillation LoRAs, one per expert. With them on,
+    # use 4 steps, the distill schedule, guidance 1 and the euler sampler.
+    high = g.add("SoraLoraLoader", "LoRA (high-noise expert)", bypassed=True, model=high[0], lora_name=I2V_HIGH_LORA)
+    low = g.add("SoraLoraLoader", "LoRA (low-noise expert)", bypassed=True, model=low[0], lora_name=I2V_LOW_LORA)
     text = g.add("SoraTextEncode", text_encoder=encoder[0], prompt=(
         "The red ball rolls steadily to the right across the dark floor, casting a soft shadow. Static camera, "
         "even studio light, minimal clean style."))
@@ -310,6 +342,29 @@ def wan22_i2v_a14b() -> Graph:
                     sigmas=sigmas[0], seed=42, guidance=3.5, model_low_noise=low[0], boundary=0.9,
                     guidance_low_noise=3.5)
     _finish(g, vae, sampled[0], 16.0, "sora/wan22_i2v_a14b")
+    return g
+
+
+def wan21_t2v_distill() -> Graph:
+    g = Graph("wan21_t2v_14B_distill_lora",
+              "# Text to video in 4 steps: Wan 2.1 T2V 14B with the lightx2v distillation LoRA\n\n832x480, 81 "
+              "frames (5 s at 16 fps). The step- and guidance-distilled LoRA makes a clip in 4 model calls: the "
+              "distill schedule (shift 5), guidance 1 (no negative pass), the lcm sampler; about ten times faster "
+              "than 50 guided steps.\n\n"
+              "Models (ComfyUI's models/ folders, or `sora run --models-dir DIR` with DIR/<folder>/):\n"
+              f"- diffusion_models/{WAN21_14B_DIT}\n- loras/{DISTILL_LORA}\n- text_encoders/{UMT5}\n"
+              f"- vae/{WAN21_VAE}\n\nSmoke test without the real weights: `sora stand-ins DIR`.")
+    base, encoder, vae = _loaders(g, WAN21_14B_DIT, UMT5, WAN21_VAE)
+    model = g.add("SoraLoraLoader", model=base[0], lora_name=DISTILL_LORA, strength=1.0)
+    text = g.add("SoraTextEncode", text_encoder=encoder[0], prompt=(
+        "A red fox trots through deep fresh snow in a quiet birch forest, lifting its paws high. Medium shot at "
+        "eye level, the camera tracking sideways with it. Soft golden morning light, long blue shadows, fine "
+        "snow in the air. Naturalistic wildlife documentary style."))
+    sigmas = g.add("SoraScheduler", model=model[0], steps=4, schedule="distill")
+    latent = g.add("SoraEmptyLatentVideo", model=model[0], width=832, height=480, frames=81)
+    sampled = g.add("SoraSampler", model=model[0], positive=text[0], negative=text[1], latent=latent[0],
+                    sigmas=sigmas[0], seed=42, guidance=1.0, sampler_name="lcm")
+    _finish(g, vae, sampled[0], 16.0, "sora/wan21_t2v_14B_distill")
     return g
 
 
@@ -364,8 +419,8 @@ def nano_prompt_expansion() -> Graph:
     return g
 
 
-WORKFLOWS = (wan21_t2v, wan22_ti2v_t2v, wan22_long_clip, wan22_i2v, wan22_i2v_a14b, wan21_v2v, nano_t2v,
-             nano_prompt_expansion)
+WORKFLOWS = (wan21_t2v, wan21_t2v_distill, wan22_ti2v_t2v, wan22_long_clip, wan22_i2v, wan22_i2v_a14b, wan21_v2v,
+             nano_t2v, nano_prompt_expansion)
 
 
 def build_all() -> dict[str, tuple[dict, dict]]:

@@ -1,14 +1,14 @@
-// Shows the caption a Sora Prompt Expansion node produced (its "text" UI output) on the node itself, in a
-// read-only box below its widgets, so the expanded prompt can be read (and copied) in the editor.
+// Shows the text a node reports (its "text" UI output) on the node itself, in a read-only box below its widgets:
+// the caption of Sora Prompt Expansion, the report of Sora Load LoRA (keys applied, keys that did not apply).
 import { app } from "../../../scripts/app.js";  // served at /extensions/<pack>/js/
 
-const NODE = "SoraPromptExpansion";
+const NODES = ["SoraPromptExpansion", "SoraLoraLoader"];
 const BOX = "expanded_prompt_shown";
 
 app.registerExtension({
     name: "sora.ShowExpandedPrompt",
     async beforeRegisterNodeDef(nodeType, nodeData) {
-        if (nodeData.name !== NODE) {
+        if (!NODES.includes(nodeData.name)) {
             return;
         }
         const onExecuted = nodeType.prototype.onExecuted;
