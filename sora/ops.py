@@ -7,8 +7,9 @@ call, so the matmul runs in `compute_dtype`.
 
 Weight patches (LoRAs, full deltas) never change a stored weight: a model handle installs them on the modules they
 touch for the duration of one forward (`installed`), and the layers add them as they compute. A `Linear` adds a
-low-rank patch on the activations (`x·downᵀ·upᵀ`, no full-size delta) and any other patch to its upcast weight;
-other parameters (norms, modulation, the patch embedding) read themselves through `patched`.
+low-rank patch to this call's weight (`W + up·down`, a temporary like the upcast) or, for a few tokens, on the
+activations (`x·downᵀ·upᵀ`), whichever costs less, and any other patch to the weight; other parameters (norms,
+modulation, the patch embedding) read themselves through `patched`.
 """
 from __future__ import annotations
 
@@ -101,14 +102,22 @@ class Linear(nn.Linear):
             bias = None if self.bias is None else self.bias.to(dtype)
             return F.linear(x.to(dtype), weight, bias)
         x = x.to(dtype)
-        low_rank = [p for p in table.get("weight", ()) if p.low_rank]
+        # A low-rank patch costs tokens·r·(in + out) on the activations, or r·in·out to fold into this call's weight
+        # (a temporary, like the upcast): whichever is less. Video DiTs see thousands of tokens, so mostly the fold.
+        on_activations = x.numel() // x.shape[-1] * (self.in_features + self.out_features) < \
+            self.in_features * self.out_features
+        low_rank = []
         for patch in table.get("weight", ()):
-            if not patch.low_rank:
+            if patch.low_rank and on_activations:
+                low_rank.append(patch.factors(x.device, dtype))
+            elif patch.low_rank:
+                down, up = patch.factors(weight.device, dtype)
+                weight = torch.addmm(weight, up, down)
+            else:
                 weight = weight + patch.full(dtype, weight.device).reshape(weight.shape)
         bias = None if self.bias is None else patched(self, "bias", dtype)
         out = F.linear(x, weight, bias)
-        for patch in low_rank:  # x·downᵀ·upᵀ: rank-r work instead of a full-size delta
-            down, up = patch.factors(x.device, dtype)
+        for down, up in low_rank:  # x·downᵀ·upᵀ
             out = out + F.linear(F.linear(x, down), up)
         return out
 
