@@ -23,6 +23,7 @@ from .errors import CheckpointError
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+GGUF_SUFFIX = ".gguf"
 
 StateDict = dict[str, torch.Tensor]
 
@@ -51,8 +52,12 @@ def _check_safetensors_file(path: Path) -> dict:
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The `__metadata__` strings of a safetensors file ({} for other formats or none)."""
+    """The `__metadata__` strings of a safetensors file, or the scalar metadata of a GGUF file as strings
+    ("general.architecture": "wan", ...); {} for other formats or none."""
     path = Path(path)
+    if path.suffix == GGUF_SUFFIX:
+        from .gguf import read_gguf
+        return {k: str(v) for k, v in read_gguf(path)[1].items() if isinstance(v, (str, int, float))}
     if path.suffix not in SAFETENSORS_SUFFIXES:
         return {}
     return dict(_check_safetensors_file(path).get("__metadata__") or {})
@@ -110,7 +115,8 @@ def _load_sharded(index_path: Path) -> StateDict:
 
 
 def load_state_dict(path: str | Path) -> StateDict:
-    """All tensors of a checkpoint as a dict; safetensors stay memory-mapped.
+    """All tensors of a checkpoint as a dict; safetensors and GGUF stay memory-mapped (GGUF's quantised tensors as
+    `sora.gguf.GGUFWeight`s).
 
     `path` is a file, a `*.index.json` shard index, or a folder holding one index or one weights file.
     """
@@ -130,8 +136,11 @@ def load_state_dict(path: str | Path) -> StateDict:
         return _load_safetensors(path)
     if path.suffix in PICKLE_SUFFIXES:
         return _load_pickle(path)
+    if path.suffix == GGUF_SUFFIX:
+        from .gguf import read_gguf
+        return read_gguf(path)[0]
     raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; "
-                          f"use one of {SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES}")
+                          f"use one of {SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES + (GGUF_SUFFIX,)}")
 
 
 # What a checkpoint holds, told by a fragment of its key names; the first match wins, so the specific come first.
@@ -201,10 +210,35 @@ def build(make: Callable[[], nn.Module], state_dict: StateDict, *, what: str, so
 
     with torch.device("meta"):
         model = make()
+    state_dict = _place_quantised(model, state_dict, what=what, source=source)
     load_into(model, state_dict, what=what, source=source)
     if weight_dtype is not None:
         ops.cast_weights(model, weight_dtype)
     return model
+
+
+def _place_quantised(model: nn.Module, state_dict: StateDict, *, what: str, source: str | Path) -> StateDict:
+    """GGUF's quantised tensors: a Linear weight keeps its blocks (`sora.ops.quantize`, dequantised per call); any
+    other tensor (an embedding table) is dequantised here, to float16 as ComfyUI-GGUF does."""
+    from . import ops
+    from .gguf import GGUFWeight
+
+    out = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, GGUFWeight):
+            out[key] = value
+            continue
+        owner, _, leaf = key.rpartition(".")
+        layer = model.get_submodule(owner) if _has_submodule(model, key) else None
+        if isinstance(layer, ops.Linear) and leaf == "weight":
+            if value.shape != layer.weight_shape:
+                raise CheckpointError(f"{source}: tensor {key!r} has shape {list(value.shape)}, the {what} expects "
+                                      f"{list(layer.weight_shape)}")
+            ops.quantize(layer, value.qtype)
+            out[key] = value.data
+        else:
+            out[key] = value.dequantize(torch.float16)
+    return out
 
 
 def load_into(module: nn.Module, state_dict: StateDict, *, what: str, source: str | Path = "checkpoint",

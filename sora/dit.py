@@ -626,17 +626,23 @@ def load_dit(path: str | Path, *, weight_dtype: torch.dtype | None = None,
              device: torch.device | str = "cpu") -> WanDiT:
     """Load a Wan DiT file into a `WanDiT` in eval mode, its shape detected from the tensors.
 
-    path: safetensors file, sharded `*.index.json` (or its folder), or `.pth` (read with weights_only=True);
-      original, ComfyUI-prefixed or diffusers key layout; fp8 and ComfyUI "scaled fp8" weights stay in fp8.
+    path: safetensors file, sharded `*.index.json` (or its folder), `.pth` (read with weights_only=True) or a GGUF
+      file in city96's layout; original, ComfyUI-prefixed or diffusers key layout; fp8 and ComfyUI "scaled fp8"
+      weights stay in fp8, GGUF weights stay quantised (dequantised per layer and call).
     weight_dtype: store the Linear weights in this dtype (None: as in the file).
     compute_dtype: matmul dtype (float32, bfloat16, float16); attention: a backend of `sora.attention`.
     The model is built on the meta device and the file's tensors are assigned into it, so loading needs about
     the weights' size in memory.
     """
     check_backend(attention)
+    metadata = read_metadata(path)
+    architecture = metadata.get("general.architecture", "wan").lower()
+    if architecture not in ("wan", "pig", "cow"):  # city96's early converters wrote a placeholder
+        raise CheckpointError(f"{path}: this GGUF holds a {architecture!r} model (general.architecture), not a Wan "
+                              "DiT; pick a Wan GGUF such as city96's wan2.1-t2v-14b-Q4_K_M.gguf")
     state_dict = to_original_layout(load_state_dict(path))
     try:
-        config = detect_config(state_dict, read_metadata(path))
+        config = detect_config(state_dict, metadata)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     model = build(lambda: WanDiT(config), state_dict, what="Wan DiT", source=path, weight_dtype=weight_dtype)

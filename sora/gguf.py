@@ -264,6 +264,17 @@ def dequantize(data: torch.Tensor, qtype: int | str, shape: Sequence[int], dtype
     return out.view(shape).to(dtype)
 
 
+def row_bytes(qtype: int | str, elements: int) -> int:
+    """Bytes of one row of `elements` values stored as `qtype` (which must divide it into whole blocks)."""
+    qtype = _type_id(qtype)
+    if qtype not in GGML_TYPES:
+        raise _unsupported(qtype, None)
+    t = GGML_TYPES[qtype]
+    if elements % t.block_size:
+        raise CheckpointError(f"rows of {elements} values do not split into {t.name} blocks of {t.block_size}")
+    return elements // t.block_size * t.type_size
+
+
 class GGUFWeight:
     """A quantised tensor as stored in a GGUF file: raw uint8 blocks, a ggml type id and the torch shape.
 

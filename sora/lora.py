@@ -635,10 +635,10 @@ def apply_lora(lora: LoraFile, model: nn.Module, strength: float, *, name: str =
 
     Raises CheckpointError when nothing in the file applies: it is a LoRA of another model family (named when it
     looks like one) or of another Wan variant."""
+    from . import ops
     from .handle import WeightPatch
 
-    shapes = {k: v.shape for k, v in model.state_dict(keep_vars=True).items()}
-    matched, unmatched = match(lora, shapes)
+    matched, unmatched = match(lora, ops.parameter_shapes(model))
     keys = sum(len(p.keys) for plist in matched.values() for p in plist)
     total = keys + len(unmatched)
     if not matched:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gguf
+
 PATCHES = "sora_patches"  # module attribute: {parameter name: (BoundPatch, ...)} while a patched forward runs
 
 
@@ -90,13 +92,27 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs):
         super().__init__(in_features, out_features, bias=bias, **kwargs)
         self.compute_dtype: torch.dtype | None = None
+        self.gguf_type: int | None = None  # a GGUF type id when `weight` holds quantised blocks (`quantize`)
         self.register_buffer("scale_weight", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.compute_dtype or x.dtype
+    @property
+    def weight_shape(self) -> torch.Size:
+        """[out, in]: the weight's shape, also when it is stored as GGUF blocks."""
+        return torch.Size((self.out_features, self.in_features))
+
+    def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in `dtype`, upcast, scaled or dequantised for this call (a temporary unless it is the
+        parameter itself)."""
+        if self.gguf_type is not None:
+            return gguf.dequantize(self.weight, self.gguf_type, self.weight_shape, dtype)
         weight = self.weight.to(dtype)
         if self.scale_weight is not None:
             weight = weight * self.scale_weight.to(dtype)
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        weight = self.compute_weight(dtype)
         table = self.__dict__.get(PATCHES)
         if not table:
             bias = None if self.bias is None else self.bias.to(dtype)
@@ -136,7 +152,7 @@ def cast_weights(module: nn.Module, dtype: torch.dtype) -> None:
     first so that no information about the scale is lost.
     """
     for m in module.modules():
-        if isinstance(m, Linear):
+        if isinstance(m, Linear) and m.gguf_type is None:  # GGUF blocks stay as they are
             weight = m.weight.data
             if m.scale_weight is not None:
                 weight = weight.float() * m.scale_weight.float()
@@ -146,12 +162,34 @@ def cast_weights(module: nn.Module, dtype: torch.dtype) -> None:
 
 def weight_workspace_bytes(model: nn.Module) -> int:
     """Bytes of the largest temporary weight copy a forward makes: `Linear` upcasts weights stored in another
-    dtype (fp8, or bf16 in a float32 layer) for each call, and a scaled fp8 weight needs one more copy."""
+    dtype (fp8, or bf16 in a float32 layer) for each call, a scaled fp8 weight needs one more copy, and GGUF
+    blocks are dequantised through float32."""
     largest = 0
     for m in model.modules():
         if isinstance(m, Linear):
             dtype = m.compute_dtype or torch.float32
-            if m.weight.dtype != dtype:
-                copies = 2 if m.scale_weight is not None else 1
-                largest = max(largest, copies * m.weight.numel() * torch.empty(0, dtype=dtype).element_size())
+            size = torch.empty(0, dtype=dtype).element_size() * m.in_features * m.out_features
+            if m.gguf_type is not None:
+                largest = max(largest, size + (4 * m.in_features * m.out_features if size < 4 * m.in_features
+                                               * m.out_features else 0))
+            elif m.weight.dtype != dtype:
+                largest = max(largest, (2 if m.scale_weight is not None else 1) * size)
     return largest
+
+
+def quantize(layer: Linear, qtype: int) -> None:
+    """Make `layer` keep its weight as GGUF blocks of type `qtype` (a uint8 buffer named `weight`, one row of
+    blocks per output feature), dequantised on every call; the blocks are assigned afterwards (`load_into`)."""
+    row_bytes = gguf.row_bytes(qtype, layer.in_features)
+    del layer.weight
+    layer.register_buffer("weight", torch.empty(layer.out_features, row_bytes, dtype=torch.uint8, device="meta"))
+    layer.gguf_type = qtype
+
+
+def parameter_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """{name: shape} of every parameter and buffer, GGUF weights with their real (not their blocks') shape."""
+    shapes = {k: v.shape for k, v in model.state_dict(keep_vars=True).items()}
+    for name, m in model.named_modules():
+        if isinstance(m, Linear) and m.gguf_type is not None:
+            shapes[f"{name}.weight" if name else "weight"] = m.weight_shape
+    return shapes

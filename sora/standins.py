@@ -15,6 +15,11 @@
                                                              names, lora_down/up with alpha, diff_b, diff, diff_m
     DIR/loras/wan2.2_i2v_A14b_{high,low}_noise_lora_rank64_lightx2v_4step_1022.safetensors   the A14B pair's
                                                              LoRAs (lora_A/lora_B, no alpha)
+    DIR/diffusion_models/wan2.1-t2v-14b-Q4_K_M.gguf          city96's GGUF layout: block Linears in Q4_K (v and
+                                                             ffn.2 in Q6_K, as Q4_K_M files have them)
+    DIR/diffusion_models/wan2.1-t2v-14b-Q8_0.gguf            the same layout in Q8_0
+    DIR/text_encoders/umt5-xxl-encoder-Q8_0.gguf             umT5 in llama.cpp's T5 names, Q8_0, with its
+                                                             tokenizer in the GGUF metadata
 
 The tensors follow the real key layouts and are detected by the loaders exactly like the real files (the DiTs have
 128-channel heads, the umT5 width equals the DiTs' text_dim, the VAEs have the real latent channels and
@@ -64,9 +69,10 @@ FP8_MAX = 448.0  # largest float8_e4m3fn value
 
 @dataclass(frozen=True)
 class StandIn:
-    folder: str  # model folder kind: diffusion_models, text_encoders, vae
+    folder: str  # model folder kind: diffusion_models, text_encoders, vae, loras
     filename: str
     build: Callable[[], StateDict]
+    write: Callable[[Path, StateDict], None] | None = None  # None: a safetensors file
 
 
 def _seeded(seed: int, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -123,6 +129,120 @@ def _lora(config: DiTConfig, seed: int, *, rank: int = 4, alpha: bool = True, fu
     return build
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# GGUF stand-ins: city96's layout (original key names, arch "wan" / "t5encoder", small tensors in F32)
+# ----------------------------------------------------------------------------------------------------------------
+
+GGUF_DIT_STANDIN = DiTConfig(model_type="t2v", in_dim=16, out_dim=16, dim=256, ffn_dim=512, num_heads=2, num_layers=2,
+                             text_dim=UMT5_STANDIN.d_model, freq_dim=256)  # rows of 256: K-quants need them
+_GGUF_LINEAR = re.compile(r"^blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]\.weight$|^blocks\.\d+\.ffn\.[02]\.weight$")
+_Q4_K_M_HIGHER = re.compile(r"\.(v|ffn\.2)\.weight$")  # llama-quantize's Q4_K_M keeps these in Q6_K
+
+
+def random_k_blocks(qtype: int, rows: int, row_bytes: int, seed: int) -> torch.Tensor:
+    """Valid random Q2_K..Q6_K blocks (uint8 [rows, row_bytes]) with small fp16 super-block scales: the values of a
+    stand-in (gguf-py cannot quantise K-quants; its dequantiser reads these as any other blocks)."""
+    from .gguf import GGML_TYPES
+
+    t = GGML_TYPES[qtype]
+    generator = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (rows * row_bytes // t.type_size, t.type_size), generator=generator,
+                           dtype=torch.uint8)
+    scale = torch.tensor([0.0005], dtype=torch.float16).view(torch.uint8)
+    offsets = {10: (t.type_size - 4, t.type_size - 2), 11: (t.type_size - 2,), 12: (0, 2), 13: (0, 2),
+               14: (t.type_size - 2,)}[qtype]  # where d (and dmin) sit in the block
+    for offset in offsets:
+        blocks[:, offset:offset + 2] = scale
+    return blocks.reshape(rows, row_bytes)
+
+
+def _write_gguf(architecture: str, quantise: Callable[[str, torch.Tensor], int | None],
+                metadata: Callable[[object], None] = lambda writer: None) -> Callable[[Path, StateDict], None]:
+    """A GGUF writer for a stand-in: `quantise(name, tensor)` picks each tensor's ggml type (None: F32 for small
+    and 1-D tensors and modulation, F16 for the rest, as city96's converter writes the base file)."""
+    def write(path: Path, tensors: StateDict) -> None:
+        import gguf
+
+        from .gguf import row_bytes
+
+        writer = gguf.GGUFWriter(str(path), arch=architecture)
+        metadata(writer)
+        for number, (name, tensor) in enumerate(tensors.items()):
+            array = tensor.float().numpy()
+            qtype = quantise(name, tensor)
+            if qtype is None:
+                small = array.ndim == 1 or array.size <= 1024 or "modulation" in name
+                writer.add_tensor(name, array if small else array.astype("float16"))
+            elif qtype in (2, 3, 6, 7, 8):
+                blocks = gguf.quants.quantize(array, gguf.GGMLQuantizationType(qtype))
+                writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=gguf.GGMLQuantizationType(qtype))
+            else:
+                blocks = random_k_blocks(qtype, array.shape[0], row_bytes(qtype, array.shape[1]), number).numpy()
+                writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=gguf.GGMLQuantizationType(qtype))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return write
+
+
+def _gguf_dit(config: DiTConfig, seed: int) -> Callable[[], StateDict]:
+    def build() -> StateDict:
+        model = _seeded(seed, lambda: WanDiT(config))
+        return {k: v for k, v in model.state_dict().items() if not k.endswith("scale_weight")}  # no prefix
+    return build
+
+
+def _q4_k_m(name: str, tensor: torch.Tensor) -> int | None:
+    if not _GGUF_LINEAR.match(name):
+        return None
+    return 14 if _Q4_K_M_HIGHER.search(name) else 12  # Q6_K, Q4_K
+
+
+_GGUF_T5_LINEAR = re.compile(r"\.(attn_[qkvo]|ffn_gate|ffn_up|ffn_down)\.weight$")  # llama.cpp's T5 names
+
+
+def _q8_0(name: str, tensor: torch.Tensor) -> int | None:
+    linear = _GGUF_LINEAR.match(name) or _GGUF_T5_LINEAR.search(name)
+    return 8 if linear and tensor.ndim == 2 and tensor.shape[-1] % 32 == 0 else None
+
+
+def _umt5(seed: int) -> Callable[[], StateDict]:
+    """The stand-in umT5 in llama.cpp's T5 names (`enc.blk.N.attn_q`, ...), as city96's encoder GGUFs have it."""
+    from .text import _GGUF_T5_NAMES
+
+    def build() -> StateDict:
+        model = _seeded(seed, lambda: UMT5Encoder(UMT5_STANDIN))
+        tensors = {}
+        for key, value in model.state_dict().items():
+            if key.endswith("scale_weight"):
+                continue
+            for old, new in reversed(_GGUF_T5_NAMES):
+                key = key.replace(new, old)
+            tensors[key] = value
+        return tensors
+    return build
+
+
+def _t5_tokenizer(writer) -> None:
+    """The stand-in SentencePiece model as GGUF tokenizer metadata (what llama.cpp's converter writes for T5)."""
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor()
+    processor.LoadFromSerializedProto(spiece_model())
+    ids = range(processor.get_piece_size())
+    writer.add_tokenizer_model("t5")
+    writer.add_token_list([processor.id_to_piece(i) for i in ids])
+    writer.add_token_scores([processor.get_score(i) for i in ids])
+    writer.add_token_types([3 if processor.is_control(i) else 2 if processor.is_unknown(i) else 6 if
+                            processor.is_byte(i) else 5 if processor.is_unused(i) else 1 for i in ids])
+    writer.add_eos_token_id(processor.eos_id())
+    writer.add_unk_token_id(processor.unk_id())
+    writer.add_pad_token_id(processor.pad_id())
+    writer.add_add_space_prefix(True)
+    writer.add_remove_extra_whitespaces(True)
+
+
 def spiece_model() -> bytes:
     """A tiny SentencePiece model with umT5's special ids (pad 0, EOS 1, unk 2, no BOS); deterministic."""
     import sentencepiece
@@ -171,6 +291,10 @@ STANDINS: tuple[StandIn, ...] = (
             _lora(WAN22_I2V_DIT_STANDIN, 10, alpha=False, full_deltas=False, down_up=("lora_A", "lora_B"))),
     StandIn("loras", "wan2.2_i2v_A14b_low_noise_lora_rank64_lightx2v_4step_1022.safetensors",
             _lora(WAN22_I2V_DIT_STANDIN, 11, alpha=False, full_deltas=False, down_up=("lora_A", "lora_B"))),
+    StandIn("diffusion_models", "wan2.1-t2v-14b-Q4_K_M.gguf", _gguf_dit(GGUF_DIT_STANDIN, 12),
+            _write_gguf("wan", _q4_k_m)),
+    StandIn("diffusion_models", "wan2.1-t2v-14b-Q8_0.gguf", _gguf_dit(GGUF_DIT_STANDIN, 13), _write_gguf("wan", _q8_0)),
+    StandIn("text_encoders", "umt5-xxl-encoder-Q8_0.gguf", _umt5(3), _write_gguf("t5encoder", _q8_0, _t5_tokenizer)),
 )
 
 
@@ -182,6 +306,9 @@ def write_standins(root: str | Path) -> list[Path]:
         path = root / standin.folder / standin.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in standin.build().items()}
-        save_file(tensors, str(path), metadata=METADATA)
+        if standin.write is None:
+            save_file(tensors, str(path), metadata=METADATA)
+        else:
+            standin.write(path, tensors)
         written.append(path)
     return written

@@ -313,10 +313,14 @@ def read_umt5_file(path: str | Path) -> tuple[StateDict, torch.Tensor | None]:
     """HF-named encoder tensors of any supported umT5 file, and its embedded `spiece_model` tensor (or None).
 
     Layouts: HF / ComfyUI names (single or sharded safetensors, optionally under `UMT5_PREFIXES`), the original
-    Wan `.pth` names, and full HF encoder-decoder files (the decoder is dropped).
+    Wan `.pth` names, full HF encoder-decoder files (the decoder is dropped), and GGUF encoders in llama.cpp's T5
+    naming (city96's umt5-xxl-encoder-*.gguf), whose tokenizer comes from the file's metadata.
     """
-    state_dict = load_state_dict(path)
-    spiece = next((v for k, v in state_dict.items() if k == "spiece_model" or k.endswith(".spiece_model")), None)
+    if Path(path).suffix == ".gguf":
+        state_dict, spiece = _read_umt5_gguf(Path(path))
+    else:
+        state_dict = load_state_dict(path)
+        spiece = next((v for k, v in state_dict.items() if k == "spiece_model" or k.endswith(".spiece_model")), None)
     state_dict = strip_prefix(state_dict, UMT5_PREFIXES, _HF_ANCHOR)
     if _ORIGINAL_ANCHOR in state_dict:
         state_dict = original_to_hf(state_dict)
@@ -329,6 +333,68 @@ def read_umt5_file(path: str | Path) -> tuple[StateDict, torch.Tensor | None]:
     if "shared.weight" not in state_dict and tied is not None:
         state_dict["shared.weight"] = tied
     return state_dict, spiece
+
+
+# llama.cpp's T5 tensor names -> HF's, by substring (city96's ComfyUI-GGUF T5_SD_MAP, ECOSYSTEM_FACTS §3.6)
+_GGUF_T5_NAMES = (("enc.", "encoder."), (".blk.", ".block."), ("token_embd", "shared"),
+                  ("output_norm", "final_layer_norm"), ("attn_q", "layer.0.SelfAttention.q"),
+                  ("attn_k", "layer.0.SelfAttention.k"), ("attn_v", "layer.0.SelfAttention.v"),
+                  ("attn_o", "layer.0.SelfAttention.o"), ("attn_norm", "layer.0.layer_norm"),
+                  ("attn_rel_b", "layer.0.SelfAttention.relative_attention_bias"),
+                  ("ffn_gate", "layer.1.DenseReluDense.wi_0"), ("ffn_up", "layer.1.DenseReluDense.wi_1"),
+                  ("ffn_down", "layer.1.DenseReluDense.wo"), ("ffn_norm", "layer.1.layer_norm"))
+GGUF_T5_ARCHITECTURES = ("t5encoder", "t5")
+
+
+def _read_umt5_gguf(path: Path) -> tuple[StateDict, torch.Tensor | None]:
+    """HF-named tensors of a umT5 encoder GGUF and the SentencePiece model rebuilt from its metadata (as bytes in a
+    uint8 tensor, like ComfyUI's `spiece_model`; None when the file carries no tokenizer)."""
+    from .gguf import gguf_architecture, read_gguf
+
+    tensors, metadata = read_gguf(path)
+    architecture = gguf_architecture(metadata)
+    if architecture not in (None, *GGUF_T5_ARCHITECTURES):
+        raise CheckpointError(f"{path}: this GGUF holds a {architecture!r} model (general.architecture), not the "
+                              "umT5 text encoder; pick a umT5 GGUF such as city96's umt5-xxl-encoder-Q8_0.gguf")
+    renamed = {}
+    for key, value in tensors.items():
+        if key.startswith("dec.") or key == "output.weight":
+            continue  # a decoder or an LM head: Wan reads the encoder only
+        for old, new in _GGUF_T5_NAMES:
+            key = key.replace(old, new)
+        renamed[key] = value
+    proto = spiece_from_gguf(metadata)
+    return renamed, None if proto is None else torch.frombuffer(bytearray(proto), dtype=torch.uint8)
+
+
+def spiece_from_gguf(metadata: dict) -> bytes | None:
+    """A serialised SentencePiece (unigram) model from a GGUF's `tokenizer.ggml.*` metadata, or None when the file
+    has no tokens: pieces with their scores and types, the special ids, and the normaliser settings."""
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not tokens:
+        return None
+    from sentencepiece import sentencepiece_model_pb2 as spm  # needs protobuf (a dependency of the pack)
+
+    model = spm.ModelProto()
+    scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)  # 1 normal, 2 unknown, 3 control, ...
+    for piece, score, kind in zip(tokens, scores, types):
+        entry = model.pieces.add()
+        entry.piece, entry.score, entry.type = piece, float(score), int(kind)
+    model.trainer_spec.model_type = spm.TrainerSpec.UNIGRAM
+    model.trainer_spec.vocab_size = len(tokens)
+    model.trainer_spec.byte_fallback = sum(int(k) == 6 for k in types) == 256  # all 256 byte pieces present
+    for field, key in (("unk_id", "unknown_token_id"), ("eos_id", "eos_token_id"), ("pad_id", "padding_token_id"),
+                       ("bos_id", "bos_token_id")):
+        setattr(model.trainer_spec, field, int(metadata.get(f"tokenizer.ggml.{key}", -1)))
+    normalizer = model.normalizer_spec
+    normalizer.name = "nmt_nfkc" if metadata.get("tokenizer.ggml.precompiled_charsmap") else "identity"
+    charsmap = metadata.get("tokenizer.ggml.precompiled_charsmap")
+    if charsmap:
+        normalizer.precompiled_charsmap = bytes(int(b) & 0xFF for b in charsmap)
+    normalizer.add_dummy_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    normalizer.remove_extra_whitespaces = bool(metadata.get("tokenizer.ggml.remove_extra_whitespaces", True))
+    return model.SerializeToString()
 
 
 def build_umt5(state_dict: StateDict, *, dtype: torch.dtype, weight_dtype: torch.dtype | None = None,

@@ -15,6 +15,13 @@ NAMES = {
     "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors",
     "vae/wan_2.1_vae.safetensors",
     "vae/wan2.2_vae.safetensors",
+    "diffusion_models/wan2.1_t2v_14B_bf16.safetensors",
+    "loras/wan2.1_t2v_14b_lora_rank64_lightx2v_4step.safetensors",
+    "loras/wan2.2_i2v_A14b_high_noise_lora_rank64_lightx2v_4step_1022.safetensors",
+    "loras/wan2.2_i2v_A14b_low_noise_lora_rank64_lightx2v_4step_1022.safetensors",
+    "diffusion_models/wan2.1-t2v-14b-Q4_K_M.gguf",
+    "diffusion_models/wan2.1-t2v-14b-Q8_0.gguf",
+    "text_encoders/umt5-xxl-encoder-Q8_0.gguf",
 }
 
 
@@ -31,7 +38,7 @@ def digest(path) -> str:
 
 def test_the_command_writes_every_file_under_its_real_name(tmp_path, capsys):
     assert cli.main(["stand-ins", str(tmp_path)]) == 0
-    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.safetensors")}
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
     assert written == NAMES
     assert set(capsys.readouterr().out.split()) == {str(tmp_path / name) for name in NAMES}
 
@@ -92,3 +99,19 @@ def test_vaes_have_the_real_latent_channels_and_compression(root, name, z_dim, s
     latent = model.encode(video.to(dtype))
     assert latent.shape == (1, z_dim, 2, 2, 4)
     assert model.decode(latent).shape == video.shape
+
+
+def test_gguf_standins_are_in_city96s_layout_and_load(root):
+    import gguf as gguf_py
+
+    from sora.gguf import read_gguf
+    for name, quantised in (("wan2.1-t2v-14b-Q4_K_M.gguf", {"Q4_K", "Q6_K"}), ("wan2.1-t2v-14b-Q8_0.gguf", {"Q8_0"})):
+        tensors, metadata = read_gguf(root / "diffusion_models" / name)
+        assert metadata["general.architecture"] == "wan" and "patch_embedding.weight" in tensors  # no prefix
+        kinds = {t.type_name for t in tensors.values() if hasattr(t, "type_name")}
+        assert kinds == quantised and tensors["blocks.0.modulation"].dtype == torch.float32
+        assert dit.load_dit(root / "diffusion_models" / name).config.num_layers == 2
+    tensors, metadata = read_gguf(root / "text_encoders" / "umt5-xxl-encoder-Q8_0.gguf")
+    assert metadata["general.architecture"] == "t5encoder" and "enc.blk.0.attn_q.weight" in tensors
+    assert 0 < len(metadata["tokenizer.ggml.tokens"]) <= standins.UMT5_STANDIN.vocab_size  # the spiece pieces
+    assert gguf_py.GGMLQuantizationType.Q8_0 == tensors["enc.blk.0.attn_q.weight"].qtype

@@ -33,7 +33,7 @@ EXPECTED = {
     "wan22_ti2v_5B_long_clip": (9 + 8 + 8, 64, 32, 24),  # clip, then two extensions of 8 new frames each
     "wan22_ti2v_5B_i2v": (9, 64, 32, 24), "wan21_v2v_1.3B": (9, 64, 32, 16), "wan22_i2v_A14B": (9, 64, 32, 16),
     "nano_t2v": (33, 64, 64, 16), "nano_prompt_expansion": (33, 64, 64, 16),
-    "wan21_t2v_14B_distill_lora": (9, 64, 32, 16),
+    "wan21_t2v_14B_distill_lora": (9, 64, 32, 16), "wan21_t2v_14B_gguf": (9, 64, 32, 16),
 }
 FILE_INPUTS = {"model_name": "diffusion_models", "text_encoder_name": "text_encoders", "vae_name": "vae",
                "lora_name": "loras"}  # loader input -> the model folder it reads
@@ -121,8 +121,9 @@ def test_the_editor_is_told_which_model_files_go_where(name):
     listed = ui["models"]
     assert {(m["name"], m["directory"]) for m in listed} == needed and len(listed) == len(needed)
     for m in listed:
-        if m["directory"] == "loras":  # lightx2v's releases
-            assert m["url"].startswith("https://huggingface.co/lightx2v/") and m["url"].endswith(f"/{m['name']}")
+        if m["directory"] == "loras" or m["name"].endswith(".gguf"):  # lightx2v's and city96's releases
+            assert m["url"].startswith(("https://huggingface.co/lightx2v/", "https://huggingface.co/city96/"))
+            assert m["url"].endswith(f"/resolve/main/{m['name']}")
         else:
             assert m["url"].startswith("https://huggingface.co/Comfy-Org/") and m["url"].endswith(
                 f"/split_files/{m['directory']}/{m['name']}")

@@ -37,6 +37,7 @@ WAN21_14B_DIT = "wan2.1_t2v_14B_bf16.safetensors"
 DISTILL_LORA = "wan2.1_t2v_14b_lora_rank64_lightx2v_4step.safetensors"
 I2V_HIGH_LORA = "wan2.2_i2v_A14b_high_noise_lora_rank64_lightx2v_4step_1022.safetensors"
 I2V_LOW_LORA = "wan2.2_i2v_A14b_low_noise_lora_rank64_lightx2v_4step_1022.safetensors"
+GGUF_DIT, GGUF_UMT5 = "wan2.1-t2v-14b-Q4_K_M.gguf", "umt5-xxl-encoder-Q8_0.gguf"
 _LIGHTX2V_21 = "https://huggingface.co/lightx2v/Wan2.1-Distill-Loras/resolve/main/"
 _LIGHTX2V_22 = "https://huggingface.co/lightx2v/Wan2.2-Distill-Loras/resolve/main/"
 MODEL_FILES = {  # file -> (the address it is downloaded from, its folder)
@@ -49,6 +50,8 @@ MODEL_FILES = {  # file -> (the address it is downloaded from, its folder)
     WAN22_VAE: (_WAN22 + "vae/", "vae"),
     DISTILL_LORA: (_LIGHTX2V_21, "loras"), I2V_HIGH_LORA: (_LIGHTX2V_22, "loras"),
     I2V_LOW_LORA: (_LIGHTX2V_22, "loras"),
+    GGUF_DIT: ("https://huggingface.co/city96/Wan2.1-T2V-14B-gguf/resolve/main/", "diffusion_models"),
+    GGUF_UMT5: ("https://huggingface.co/city96/umt5-xxl-encoder-gguf/resolve/main/", "text_encoders"),
 }
 
 # How the editor (litegraph, ComfyUI's frontend) draws a node: a title bar of TITLE_HEIGHT above `pos`, then the
@@ -368,6 +371,28 @@ def wan21_t2v_distill() -> Graph:
     return g
 
 
+def wan21_t2v_gguf() -> Graph:
+    g = Graph("wan21_t2v_14B_gguf",
+              "# Text to video on a consumer card: Wan 2.1 T2V 14B from GGUF files\n\n832x480, 81 frames (5 s at 16 "
+              "fps), the reference settings (50 UniPC steps, shift 5, guidance 5). city96's Q4_K_M DiT (about a "
+              "third of the bf16 file) and Q8_0 umT5 stay quantised in memory and are dequantised layer by layer "
+              "as they run; the memory manager streams what does not fit.\n\n"
+              "Models (ComfyUI's models/ folders, or `sora run --models-dir DIR` with DIR/<folder>/):\n"
+              f"- diffusion_models/{GGUF_DIT} (or unet/)\n- text_encoders/{GGUF_UMT5}\n- vae/{WAN21_VAE}\n\n"
+              "Smoke test without the real weights: `sora stand-ins DIR`.")
+    model, encoder, vae = _loaders(g, GGUF_DIT, GGUF_UMT5, WAN21_VAE)
+    text = g.add("SoraTextEncode", text_encoder=encoder[0], prompt=(
+        "A red fox trots through deep fresh snow in a quiet birch forest, lifting its paws high. Medium shot at "
+        "eye level, the camera tracking sideways with it. Soft golden morning light, long blue shadows, fine "
+        "snow in the air. Naturalistic wildlife documentary style."))
+    sigmas = g.add("SoraScheduler", model=model[0], steps=50)
+    latent = g.add("SoraEmptyLatentVideo", model=model[0], width=832, height=480, frames=81)
+    sampled = g.add("SoraSampler", model=model[0], positive=text[0], negative=text[1], latent=latent[0],
+                    sigmas=sigmas[0], seed=42, guidance=5.0)
+    _finish(g, vae, sampled[0], 16.0, "sora/wan21_t2v_14B_gguf")
+    return g
+
+
 def wan21_v2v() -> Graph:
     g = Graph("wan21_v2v_1.3B",
               "# Video to video: Wan 2.1 T2V 1.3B\n\nThe source video (resized to 832x480, its first 81 frames) is "
@@ -419,8 +444,8 @@ def nano_prompt_expansion() -> Graph:
     return g
 
 
-WORKFLOWS = (wan21_t2v, wan21_t2v_distill, wan22_ti2v_t2v, wan22_long_clip, wan22_i2v, wan22_i2v_a14b, wan21_v2v,
-             nano_t2v, nano_prompt_expansion)
+WORKFLOWS = (wan21_t2v, wan21_t2v_distill, wan21_t2v_gguf, wan22_ti2v_t2v, wan22_long_clip, wan22_i2v,
+             wan22_i2v_a14b, wan21_v2v, nano_t2v, nano_prompt_expansion)
 
 
 def build_all() -> dict[str, tuple[dict, dict]]:
