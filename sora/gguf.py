@@ -378,6 +378,18 @@ def _describe(name: str, qtype: int, shape: Sequence[int], nbytes: int) -> str:
     return f"tensor {name!r} ({type_name(qtype)} {list(shape)}, {nbytes} bytes)"
 
 
+def architecture_of(path: str | Path) -> str | None:
+    """`general.architecture` of a GGUF file, read from its header alone (None: absent, a placeholder, or not a
+    readable GGUF)."""
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(path, "r").fields.get("general.architecture")
+        return gguf_architecture({"general.architecture": _field_value(Path(path), field)} if field else {})
+    except Exception:  # any unreadable file: the caller only wants a hint
+        return None
+
+
 def read_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor | GGUFWeight], dict[str, object]]:
     """The tensors (by name, torch shapes) and the metadata (by key, plain Python values) of a GGUF file.
 

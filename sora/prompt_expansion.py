@@ -5,11 +5,13 @@ Two presets:
 - ``wan``: a local instruct model (transformers) rewrites the prompt as one detailed paragraph naming the
   subject, motion, camera, lighting, setting and style, the long-caption style Wan was trained on.
 - ``nano``: a deterministic mapper reads colour, shape, direction, speed, size and background from free text
-  (synonyms and near colours included) and writes a caption in the nano model's closed vocabulary. No language
-  model takes part: the nano model knows only a few dozen words and must get colour and direction exactly. Told
-  the vocabulary and shown one example, SmolLM2-135M kept to it in none of six paraphrases and got colour, shape
-  and direction right in two ("a teal disc floating up" -> "A red circle is moving to the right.", the example
-  copied). A table lookup is exact, instant and the same on every machine.
+  (synonyms, near colours and colour names by hue in the tables below) and writes a caption in the nano model's
+  closed vocabulary; what the tables miss is guessed by `sora.nano.recaption` (word forms, misspellings, nearest
+  concept in MiniLM space) and reported. No language model takes part: the nano model knows only a few dozen words
+  and must get colour and direction exactly. Told the vocabulary and shown one example, SmolLM2-135M kept to it in
+  none of six paraphrases and got colour, shape and direction right in two ("a teal disc floating up" -> "A red
+  circle is moving to the right.", the example copied). A table lookup is exact, instant and the same on every
+  machine.
 
 Chat models load lazily from local files only, never from the network: a transformers folder (config.json,
 ``*.safetensors``, tokenizer files with a chat template, e.g. Qwen2.5-Instruct), a ``.gguf`` file of the llama or
@@ -20,10 +22,10 @@ three times (see ``benchmarks/prompt_expansion.py``).
 """
 from __future__ import annotations
 
+import colorsys
 import gc
 import importlib.util
 import json
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,6 @@ import torch
 
 from .errors import CheckpointError, InputError
 from .nano import vocabulary as vocab
-from .nano.data import MIN_CONTRAST, contrast
 
 PRESETS = ("wan", "nano")
 
@@ -200,13 +201,17 @@ def default_model_path() -> Path:
 
 
 def find_chat_models(folders: list[str | Path]) -> list[Path]:
-    """Chat model candidates directly inside `folders`: subfolders with a config.json, and .gguf files."""
+    """Chat model candidates directly inside `folders`: subfolders with a config.json, and .gguf files unless their
+    header names an architecture that is no chat model (a umT5 or Wan GGUF in text_encoders)."""
+    from .gguf import architecture_of
+
     found = []
     for folder in map(Path, folders):
         if not folder.is_dir():
             continue
         for entry in sorted(folder.iterdir()):
-            if (entry.is_dir() and (entry / "config.json").is_file()) or entry.suffix == ".gguf":
+            if (entry.is_dir() and (entry / "config.json").is_file()) or \
+                    (entry.suffix == ".gguf" and architecture_of(entry) in (None, *_GGUF_ARCHITECTURES)):
                 found.append(entry)
     return found
 
@@ -505,6 +510,17 @@ COLOR_SYNONYMS: dict[str, tuple[str, ...]] = {
     "cyan": ("teal", "turquoise", "aqua", "aquamarine"),
     "white": ("ivory", "snowy", "pearl", "pearly", "cream", "milky", "silver", "silvery"),
 }
+# Common colour names by their RGB (hex), read as the nano colour nearest in hue (`nearest_nano_color`): the
+# meaning of a colour word where the embedding space has none ("tomato" sits among fruit there, not among reds).
+COLOR_NAMES: dict[str, str] = {
+    "tomato": "ff6347", "salmon": "fa8072", "firebrick": "b22222", "wine": "722f37", "claret": "7f1734",
+    "cerise": "de3163", "puce": "cc8899", "auburn": "a52a2a", "brown": "964b00", "tan": "d2b48c", "beige": "f5f5dc",
+    "khaki": "f0e68c", "bronze": "cd7f32", "ochre": "cc7722", "sienna": "a0522d", "umber": "635147",
+    "cinnamon": "d2691e", "chocolate": "7b3f00", "caramel": "c68e17", "mahogany": "c04000", "mango": "ff8243",
+    "butterscotch": "fdb147", "ginger": "b06500", "russet": "80461b", "straw": "e4d96f", "vanilla": "f3e5ab",
+    "maize": "fbec5d", "citrine": "e4d00a", "flaxen": "eedc82", "celadon": "ace1af", "malachite": "0bda51",
+    "platinum": "e5e4e2", "seashell": "fff5ee", "magnolia": "f8f4ff",
+}
 SHAPE_SYNONYMS: dict[str, tuple[str, ...]] = {
     "circle": ("sphere", "orb", "disk", "bubble", "globe", "marble", "coin", "ring", "planet", "moon", "round"),
     "square": ("cube", "crate", "tile", "rectangle", "brick", "cuboid", "dice"),
@@ -568,8 +584,26 @@ def _direction_words(phrases: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(re.sub(r"^(?:moving|drifting|sliding|heading|floating)\s+", "", p) for p in phrases)
 
 
+def _hsv(rgb: tuple[float, float, float]) -> tuple[float, float, float]:
+    hue, saturation, value = colorsys.rgb_to_hsv(*rgb)
+    return hue * 360, saturation, value
+
+
+def nearest_nano_color(rgb: tuple[float, float, float] | str) -> str | None:
+    """The nano colour nearest in hue to an RGB colour (0..1 channels, or hex "ff6347"): pale greys and off-whites
+    are "white", darker greys and black have no nano colour (None)."""
+    if isinstance(rgb, str):
+        rgb = tuple(int(rgb[i:i + 2], 16) / 255 for i in (0, 2, 4))
+    hue, saturation, value = _hsv(rgb)
+    if saturation < 0.2:
+        return "white" if value >= 0.7 else None
+    hues = {name: _hsv(c)[0] for name, c in vocab.COLORS.items() if name != "white"}
+    return min(hues, key=lambda name: min(abs(hue - hues[name]), 360 - abs(hue - hues[name])))
+
+
 _TABLES: dict[str, list[tuple[str, str]]] = {
-    "color": _phrase_table({c: (c,) for c in vocab.COLORS}, COLOR_SYNONYMS),
+    "color": _phrase_table({c: (c,) for c in vocab.COLORS}, COLOR_SYNONYMS)
+    + [(name, nearest_nano_color(rgb)) for name, rgb in COLOR_NAMES.items() if nearest_nano_color(rgb)],
     "shape": _phrase_table(vocab.SHAPES, SHAPE_SYNONYMS),
     "direction": _phrase_table({d: _direction_words(p) for d, p in vocab.DIRECTION_PHRASES.items()},
                                DIRECTION_SYNONYMS),
@@ -591,45 +625,17 @@ def _first_match(text: str, table: list[tuple[str, str]], plurals: bool = False)
 
 def read_nano_attributes(prompt: str) -> NanoAttributes:
     """Colour, shape, direction, speed, size and background named in free text, mapped onto the nano
-    vocabulary through synonyms and near colours (the first mention wins)."""
-    text = " ".join(re.sub(r"[^a-z\- ]", " ", prompt.lower()).split())
-    text = _NOT_A_DIRECTION.sub(" ", text)
-    background = None
-    backdrop = _BACKDROP.search(text)
-    if backdrop:  # read the backdrop's colour, then hide it from the object's colour
-        background = _first_match(backdrop.group(1), _phrase_table({}, BACKGROUND_SYNONYMS))
-        text = text[:backdrop.start()] + " " + text[backdrop.end():]
-    if background is None and _DARK_SCENE.search(text):
-        background = "dark"
-    text = _DARK_SCENE.sub(" ", text)
-    return NanoAttributes(color=_first_match(text, _TABLES["color"]),
-                          shape=_first_match(text, _TABLES["shape"], plurals=True),
-                          direction=_first_match(text, _TABLES["direction"]),
-                          speed=_first_match(text, _TABLES["speed"]),
-                          size=_first_match(text, _TABLES["size"]),
-                          background=background)
+    vocabulary through the tables alone (synonyms, near colours, colour names and a little grammar: "from east to
+    west", "away from the left edge"); the first mention wins. Nothing is guessed: see `sora.nano.recaption`."""
+    from .nano.recaption import read_tables
+    return read_tables(prompt)
 
 
-def nano_caption(prompt: str, *, seed: int = 0) -> str:
+def nano_caption(prompt: str, *, seed: int = 0, encoder=None) -> str:
     """A caption the nano model follows, e.g. "a crimson ball rolling right" -> "a red circle moving to the right".
 
-    Colour, shape and direction are in every nano training caption, so when the prompt leaves one open it is
-    drawn from `seed` (a colour that stays visible on the named background). Size, speed and background are
-    named only when the prompt names them.
+    `sora.nano.recaption.recaption_nano(prompt, seed=seed, encoder=encoder).caption`: the tables first, then guesses
+    (word forms, spelling, nearest concept in MiniLM space), and what is still open drawn from `seed`.
     """
-    found = read_nano_attributes(prompt)
-    rng = random.Random(seed)
-    color = found.color
-    if color is None:
-        visible = [c for c in sorted(vocab.COLORS)
-                   if found.background is None or contrast(c, found.background) >= MIN_CONTRAST]
-        color = rng.choice(visible)
-    shape = found.shape or rng.choice(sorted(vocab.SHAPES))
-    direction = found.direction or rng.choice(sorted(vocab.DIRECTIONS))
-    words = [vocab.SIZES[found.size][0] if found.size else "", color, vocab.SHAPES[shape][0],
-             vocab.SPEEDS[found.speed][0] if found.speed else "", vocab.DIRECTION_PHRASES[direction][0]]
-    if found.background:
-        words.append(vocab.BACKGROUND_PHRASES[found.background][0])
-    words = [w for w in words if w]
-    article = "an" if words[0][0] in "aeiou" else "a"
-    return " ".join([article] + words)
+    from .nano.recaption import recaption_nano
+    return recaption_nano(prompt, seed=seed, encoder=encoder).caption
