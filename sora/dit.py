@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,9 @@ from .rope import apply_rope, rope_table
 # Config
 # ------------------------------------------------------------------------------------------------------------------
 
+# runs the block stack: blocks(run, tokens, e, e0) -> tokens, `run` being the plain loop (see `WanDiT.forward`)
+BlockStack = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
 MODEL_TYPES = ("t2v", "i2v", "ti2v", "flf2v")
 WAN_PATCH = (1, 2, 2)  # (frames, rows, cols) per token in every released Wan DiT
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -45,11 +49,16 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class DiTConfig:
     """Shape of a Wan DiT. Defaults are Wan 2.1 T2V-14B; `PRESETS` holds the released sizes.
 
-    model_type: 't2v' | 'ti2v' | 'i2v' (Wan 2.2 I2V-A14B: the conditioning latent and mask are concatenated to the
-    noisy latent, in_dim 36, no image encoder) | 'flf2v' (Wan 2.1's CLIP image branch: not supported yet).
+    model_type: 't2v' | 'ti2v' | 'i2v' (the conditioning latent and mask are concatenated to the noisy latent,
+    in_dim 36: Wan 2.2 I2V-A14B, and Wan 2.1 I2V-14B, which also reads CLIP image tokens) | 'flf2v' (Wan 2.1
+    first-last-frame: two images' CLIP tokens with learned positions).
     latent_format: key of sora.latent_formats.FORMATS the model works in.
     per_token_timesteps: the model was trained with a timestep per token, so tokens given t=0 stay clean
     (Wan 2.2 TI2V-5B, nano); samplers use it to decide how to keep known frames.
+    image_dim: width of the CLIP image tokens the cross-attention reads through its own keys and values (1280,
+    ViT-H/14; None: no image branch). image_positions: learned positions added to them (514 for FLF2V's two images).
+    vace_layers: the main blocks a VACE hint is added to, in order (empty: no VACE branch); vace_in_dim: channels
+    of the VACE context (96: inactive and reactive latents and the 64-channel mask).
     """
 
     model_type: str = "t2v"
@@ -67,12 +76,20 @@ class DiTConfig:
     rope_max_len: int = 1024  # RoPE positions per axis
     latent_format: str = "wan21"
     per_token_timesteps: bool = False
+    image_dim: int | None = None
+    image_positions: int = 0
+    vace_layers: tuple[int, ...] = ()
+    vace_in_dim: int = 96
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
             raise InputError(f"model_type {self.model_type!r} is not one of {MODEL_TYPES}")
-        if self.model_type == "flf2v":
-            raise InputError("Wan 2.1 FLF2V (CLIP image branch) is not supported yet")
+        if self.model_type == "flf2v" and (self.image_dim is None or not self.image_positions):
+            raise InputError("an FLF2V model has an image branch with learned positions (image_dim, image_positions)")
+        object.__setattr__(self, "vace_layers", tuple(int(i) for i in self.vace_layers))
+        if any(not 0 <= i < self.num_layers for i in self.vace_layers) or \
+                list(self.vace_layers) != sorted(set(self.vace_layers)):
+            raise InputError(f"vace_layers {self.vace_layers} must be increasing block indices below {self.num_layers}")
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
             raise InputError(f"dim {self.dim} must split into {self.num_heads} heads of an even size")
         if len(self.patch_size) != 3:
@@ -92,6 +109,11 @@ PRESETS: dict[str, DiTConfig] = {
                                num_layers=30, latent_format="wan22", per_token_timesteps=True),
     "wan22_t2v_a14b": DiTConfig(),  # each of the high- and low-noise experts
     "wan22_i2v_a14b": DiTConfig(model_type="i2v", in_dim=36),
+    "wan21_i2v_14b": DiTConfig(model_type="i2v", in_dim=36, image_dim=1280),  # 480P and 720P share the shapes
+    "wan21_flf2v_14b": DiTConfig(model_type="flf2v", in_dim=36, image_dim=1280, image_positions=514),
+    "wan21_vace_1_3b": DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30,
+                                 vace_layers=tuple(range(0, 30, 2))),
+    "wan21_vace_14b": DiTConfig(vace_layers=tuple(range(0, 40, 5))),
     # A few-thousand-parameter model with the 1.3B's structure, for tests.
     "tiny": DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=24, text_len=8, freq_dim=16),
 }
@@ -169,6 +191,33 @@ class Attention(nn.Module):
         return self.o(out.flatten(2))
 
 
+class CrossAttention(Attention):
+    """Cross-attention to the text; with an image branch (Wan 2.1 I2V / FLF2V) also to the image tokens through
+    their own keys and values (`k_img`, `v_img`, `norm_k_img`): o(attn(q, k, v) + attn(q, k_img, v_img)), one query
+    for both, no mask on the image keys (ECOSYSTEM_FACTS §5.2)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, image: bool):
+        super().__init__(dim, num_heads, eps)
+        if image:
+            self.k_img = ops.Linear(dim, dim)
+            self.v_img = ops.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor, key_counts: torch.Tensor | None = None,
+                image: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, dim] attends to the text rows `source` [B, S, dim] and to `image` [B, N, dim] (embedded image
+        tokens) when given."""
+        q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, -1))
+        k = self.norm_k(self.k(source)).unflatten(2, (self.num_heads, -1))
+        v = self.v(source).unflatten(2, (self.num_heads, -1))
+        out = attention(q, k, v, key_counts=key_counts, backend=self.backend)
+        if image is not None:
+            k_img = self.norm_k_img(self.k_img(image)).unflatten(2, (self.num_heads, -1))
+            v_img = self.v_img(image).unflatten(2, (self.num_heads, -1))
+            out = out + attention(q, k_img, v_img, backend=self.backend)
+        return self.o(out.flatten(2))
+
+
 class WanBlock(nn.Module):
     """Modulated self-attention, cross-attention to the text, modulated feed-forward.
 
@@ -183,19 +232,19 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
         self.self_attn = Attention(dim, config.num_heads, config.eps)
         self.norm3 = LayerNorm(dim, config.eps)
-        self.cross_attn = Attention(dim, config.num_heads, config.eps)
+        self.cross_attn = CrossAttention(dim, config.num_heads, config.eps, image=config.image_dim is not None)
         self.ffn = nn.Sequential(ops.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"),
                                  ops.Linear(config.ffn_dim, dim))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_counts: torch.Tensor | None,
                 e0: torch.Tensor, t_index: torch.Tensor, rotations: torch.Tensor,
-                token_counts: torch.Tensor | None) -> torch.Tensor:
+                token_counts: torch.Tensor | None, image: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, L, dim] float32 -> same.
 
         context [B, S, dim] embedded text rows and context_counts [B, S] their multiplicities (see
         `WanDiT._embed_context`); e0 [U, 6, dim] projected embeddings of the U distinct timesteps; t_index
         [B, 1 or L] which of them each sample or token has; rotations [B or 1, L, head_dim/2]; token_counts
-        [B, L] 1 for real tokens, 0 for padding (None: no padding).
+        [B, L] 1 for real tokens, 0 for padding (None: no padding); image [B, N, dim] embedded image tokens.
         """
         # [U, 6, dim]: shift, scale, gate (attention), shift, scale, gate (FFN)
         mod = ops.patched(self, "modulation") + e0
@@ -203,11 +252,45 @@ class WanBlock(nn.Module):
         h = torch.addcmul(shift, _layer_norm(x, self.eps), 1 + scale)
         x = torch.addcmul(x, self.self_attn(h, h, rotations, token_counts).float(), gate)
 
-        x = x + self.cross_attn(self.norm3(x), context, key_counts=context_counts).float()
+        x = x + self.cross_attn(self.norm3(x), context, key_counts=context_counts, image=image).float()
 
         shift, scale, gate = (mod[:, i][t_index] for i in range(3, 6))
         h = torch.addcmul(shift, _layer_norm(x, self.eps), 1 + scale)
         return torch.addcmul(x, self.ffn(h).float(), gate)
+
+
+class VaceBlock(WanBlock):
+    """A VACE block (ECOSYSTEM_FACTS §6): a Wan block over the VACE context's tokens, whose output projected by
+    `after_proj` is a hint for one main block; the first one also adds `before_proj` of its input to the noisy
+    latent's tokens before the main blocks run. Both projections start at zero, so an untrained VACE branch
+    changes nothing."""
+
+    def __init__(self, config: DiTConfig, first: bool):
+        super().__init__(config)
+        if first:
+            self.before_proj = ops.Linear(config.dim, config.dim)
+        self.after_proj = ops.Linear(config.dim, config.dim)
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP image tokens [B, N, image_dim] -> [B, N, dim] for the cross-attention (`img_emb`): LayerNorm, Linear,
+    GELU, Linear, LayerNorm; FLF2V first adds learned positions (`emb_pos`, its two images' 514 tokens)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        width = config.image_dim
+        self.proj = nn.Sequential(LayerNorm(width, 1e-5), ops.Linear(width, width), nn.GELU(),
+                                  ops.Linear(width, config.dim), LayerNorm(config.dim, 1e-5))
+        if config.image_positions:
+            self.emb_pos = nn.Parameter(torch.zeros(1, config.image_positions, width))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "emb_pos"):
+            if image.shape[1] > self.emb_pos.shape[1]:
+                raise InputError(f"{image.shape[1]} image tokens, but this model has positions for "
+                                 f"{self.emb_pos.shape[1]}")
+            image = image.float() + ops.patched(self, "emb_pos")[:, :image.shape[1]]
+        return self.proj(image).float()
 
 
 class Head(nn.Module):
@@ -286,6 +369,11 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), ops.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = Head(config)
+        if config.image_dim is not None:
+            self.img_emb = ImageEmbedding(config)
+        if config.vace_layers:
+            self.vace_patch_embedding = nn.Conv3d(config.vace_in_dim, dim, config.patch_size, stride=config.patch_size)
+            self.vace_blocks = nn.ModuleList(VaceBlock(config, first=i == 0) for i in range(len(config.vace_layers)))
         self.compute_dtype = torch.float32
         self.attention_backend = "sdpa"
         self.set_compute(dtype=torch.float32)
@@ -305,6 +393,10 @@ class WanDiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
+        for block in getattr(self, "vace_blocks", ()):  # a fresh VACE branch adds nothing (Wan's zero init)
+            for projection in (getattr(block, "before_proj", None), block.after_proj):
+                if projection is not None:
+                    nn.init.zeros_(projection.weight)
 
     def set_compute(self, *, dtype: torch.dtype | None = None, attention: str | None = None) -> None:
         """Choose the matmul dtype (float32, bfloat16, float16) and the attention backend; None keeps the current.
@@ -337,8 +429,9 @@ class WanDiT(nn.Module):
         return (dit_activation_bytes(self.config, batch=len(samples), tokens=tokens, compute_dtype=self.compute_dtype,
                                      per_token_timesteps=per_token) + ops.weight_workspace_bytes(self))
 
-    def forward(self, x: torch.Tensor | list[torch.Tensor], timestep: torch.Tensor,
-                context: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, x: torch.Tensor | list[torch.Tensor], timestep: torch.Tensor, context: torch.Tensor, *,
+                image: torch.Tensor | None = None, vace: Sequence[tuple[torch.Tensor, float]] = (),
+                blocks: BlockStack | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Velocity v = noise - x0 for a batch of normalised latents.
 
         x: [B, in_dim, T, H, W], or a list of B latents [in_dim, T_i, H_i, W_i] of different sizes (they are run
@@ -347,6 +440,12 @@ class WanDiT(nn.Module):
            L = tokens of the patch grid, the longest sample's for a list).
         context: [B, L_txt, text_dim] text states with L_txt <= text_len; zero-padded to text_len here and attended
            to without a key mask, as the model was trained.
+        image: CLIP image tokens [B, N, image_dim] (penultimate ViT-H/14 states, 257 per image) for a model with an
+           image branch (Wan 2.1 I2V / FLF2V); required there, refused elsewhere.
+        vace: VACE contexts [B, vace_in_dim, T, H, W] with their strengths, for a model with a VACE branch; their
+           hints are summed.
+        blocks: runs the block stack instead of the plain loop, as `blocks(run, tokens, e, e0)` with `run(tokens)`
+           the loop itself and e [U, dim], e0 [U, 6, dim] the time embeddings (a step cache plugs in here).
         Returns float32 [B, out_dim, T, H, W] (a list of [out_dim, T_i, H_i, W_i] for list input).
         """
         samples = list(x) if isinstance(x, (list, tuple)) else None
@@ -372,10 +471,25 @@ class WanDiT(nn.Module):
         e0 = self.time_projection(e).float().unflatten(1, (6, -1))  # [U, 6, dim]
 
         context, context_counts = self._embed_context(context.to(device), B)  # [B, S, dim], [B, S]
+        image_tokens = self._embed_image(image, B, device)  # [B, N, dim] or None
+        hints = self._vace_hints(vace, samples, x, tokens, B)  # VACE context tokens, strengths
 
-        for block in self.blocks:
-            tokens = block(tokens, context, context_counts, e0, t_index, rotations, token_counts)
+        def run(tokens: torch.Tensor) -> torch.Tensor:
+            state = [c for c, _ in hints]  # VACE: each context's current tokens, run beside the main blocks
+            embedded = tokens  # the noisy latent's tokens before any block
+            for i, block in enumerate(self.blocks):
+                args = (context, context_counts, e0, t_index, rotations, token_counts, image_tokens)
+                tokens = block(tokens, *args)
+                if i in self._vace_index:
+                    vace_block = self.vace_blocks[self._vace_index[i]]
+                    for n, (_, strength) in enumerate(hints):
+                        if self._vace_index[i] == 0:  # the first VACE block starts from the noisy latent's tokens
+                            state[n] = vace_block.before_proj(state[n]).float() + embedded
+                        state[n] = vace_block(state[n], *args)
+                        tokens = tokens + vace_block.after_proj(state[n]).float() * strength
+            return tokens
 
+        tokens = run(tokens) if blocks is None else blocks(run, tokens, e, e0)
         out = self.head(tokens, e, t_index)  # [B, L, prod(patch)·out_dim]
         if samples is None:
             return self._unpatchify(out, grids[0])
@@ -383,24 +497,64 @@ class WanDiT(nn.Module):
 
     # -- forward helpers -------------------------------------------------------------------------------------------
 
-    def _embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """[B, in_dim, T, H, W] -> tokens [B, L, dim] float32 in row-major (f, h, w) order, and the patch grid.
+    def _embed_patches(self, x: torch.Tensor, conv: nn.Conv3d | None = None
+                       ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[B, C, T, H, W] -> tokens [B, L, dim] float32 in row-major (f, h, w) order, and the patch grid, through
+        `conv` (the patch embedding, or the VACE one).
 
         The Conv3d's kernel equals its stride, so it is one matmul over flattened patches; flattening in the
         weight's (C, pt, ph, pw) order gives the tokens contiguous, with no transpose after the conv.
         """
+        conv = self.patch_embedding if conv is None else conv
         B, C, T, H, W = x.shape
         pt, ph, pw = self.config.patch_size
-        if C != self.config.in_dim:
-            raise InputError(f"the model takes {self.config.in_dim} latent channels, got {C}")
+        if C != conv.in_channels:
+            raise InputError(f"the model takes {conv.in_channels} latent channels, got {C}")
         if T % pt or H % ph or W % pw:
             raise InputError(f"latent size (T, H, W) = {(T, H, W)} must be divisible by the patch {(pt, ph, pw)}")
         grid = (T // pt, H // ph, W // pw)
         patches = rearrange(x, "b c (f pt) (h ph) (w pw) -> b (f h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
         dtype = self.compute_dtype
-        weight = ops.patched(self.patch_embedding, "weight", dtype).flatten(1)  # [dim, C·pt·ph·pw]
-        tokens = F.linear(patches.to(dtype), weight, ops.patched(self.patch_embedding, "bias", dtype))
+        weight = ops.patched(conv, "weight", dtype).flatten(1)  # [dim, C·pt·ph·pw]
+        tokens = F.linear(patches.to(dtype), weight, ops.patched(conv, "bias", dtype))
         return tokens.float(), grid
+
+    @property
+    def _vace_index(self) -> dict[int, int]:
+        """Main block -> the VACE block whose hint it takes."""
+        return {layer: n for n, layer in enumerate(self.config.vace_layers)}
+
+    def _embed_image(self, image: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
+        cfg = self.config
+        if cfg.image_dim is None:
+            if image is not None:
+                raise InputError("this model has no image branch (no img_emb); it takes no CLIP image tokens")
+            return None
+        if image is None:
+            raise InputError("this Wan 2.1 image-to-video model reads CLIP image tokens: give the start image's "
+                             "(Sora CLIP Vision Encode, through Sora Wan Image To Video's clip_vision input)")
+        if image.ndim != 3 or image.shape[0] not in (1, batch) or image.shape[2] != cfg.image_dim:
+            raise InputError(f"image tokens must be [{batch}, N, {cfg.image_dim}] (CLIP ViT-H/14 states), got "
+                             f"{list(image.shape)}")
+        return self.img_emb(image.to(device).expand(batch, -1, -1))
+
+    def _vace_hints(self, vace, samples, x, tokens: torch.Tensor, batch: int) -> list[tuple[torch.Tensor, float]]:
+        """Each VACE context's patch tokens [B, L, dim] and strength (the first VACE block adds the noisy tokens)."""
+        if not self.config.vace_layers:
+            if vace:
+                raise InputError("this model has no VACE branch (no vace_blocks); it takes no VACE context")
+            return []
+        if samples is not None:
+            raise InputError("a VACE model takes one latent size per batch (a tensor, not a list)")
+        hints = []
+        for context, strength in vace:
+            if context.ndim != 5 or context.shape[1] != self.config.vace_in_dim or context.shape[2:] != x.shape[2:] \
+                    or context.shape[0] not in (1, batch):
+                raise InputError(f"a VACE context must be [{batch}, {self.config.vace_in_dim}, "
+                                 f"{', '.join(map(str, x.shape[2:]))}] like the latent, got {list(context.shape)}")
+            c, _ = self._embed_patches(context.to(x.device).expand(batch, -1, -1, -1, -1), self.vace_patch_embedding)
+            hints.append((c, float(strength)))
+        return hints
 
     def _embed_list(self, samples: list[torch.Tensor]):
         """Embed latents of different sizes and right-pad them to the longest; padding is never rotated."""
@@ -497,6 +651,7 @@ DIFFUSERS_TOP_LEVEL = {
     "patch_embedding": "patch_embedding",
     "scale_shift_table": "head.modulation",
     "proj_out": "head.head",
+    "vace_patch_embedding": "vace_patch_embedding",
     "scaled_fp8": "scaled_fp8",
 }
 DIFFUSERS_BLOCK = {
@@ -519,8 +674,10 @@ DIFFUSERS_BLOCK = {
     "norm2": "norm3",
     "ffn.net.0.proj": "ffn.0",
     "ffn.net.2": "ffn.2",
+    "proj_in": "before_proj",  # VACE blocks
+    "proj_out": "after_proj",
 }
-_BLOCK_KEY = re.compile(r"(blocks\.\d+\.)(.+)")
+_BLOCK_KEY = re.compile(r"((?:vace_)?blocks\.\d+\.)(.+)")
 
 
 def convert_diffusers(state_dict: StateDict) -> StateDict:
@@ -544,9 +701,6 @@ def convert_diffusers(state_dict: StateDict) -> StateDict:
 
 # Wan families whose extra tensors this model does not have: (key fragment, what it is).
 _UNSUPPORTED_WAN = (
-    ("img_emb.emb_pos", "Wan 2.1 first-last-frame-to-video (FLF2V, CLIP image branch)"),
-    ("img_emb.", "Wan 2.1 image-to-video with the CLIP image branch (I2V-14B 480P/720P)"),
-    ("vace_", "Wan 2.1 VACE"),
     ("audio_", "Wan 2.2 speech-to-video (S2V)"),
     ("casual_audio_encoder", "Wan 2.2 speech-to-video (S2V)"),
 )
@@ -570,8 +724,8 @@ def detect_config(state_dict: StateDict, metadata: dict[str, str] | None = None)
         raise CheckpointError(f"this is not a Wan DiT: {describe(sd, 'Wan DiT')}")
     for fragment, family in _UNSUPPORTED_WAN:
         if any(fragment in key for key in sd):
-            raise CheckpointError(f"this is a {family} checkpoint, which is not supported yet; "
-                                  "use a Wan 2.1 / 2.2 text-to-video, TI2V-5B or I2V-A14B file")
+            raise CheckpointError(f"this is a {family} checkpoint, which is not supported yet; use a Wan 2.1 / "
+                                  "2.2 text-to-video, TI2V-5B, image-to-video, FLF2V or VACE file")
     family = metadata.get("sora.family", "wan")
     if family not in FAMILIES:
         raise CheckpointError(f"sora.family {family!r} in the file's metadata is not one of {FAMILIES}")
@@ -598,7 +752,19 @@ def detect_config(state_dict: StateDict, metadata: dict[str, str] | None = None)
         values.update(model_type="i2v", latent_format="wan21", per_token_timesteps=False)
     else:
         raise CheckpointError(f"unknown Wan variant: {in_dim} input and {out_dim} output latent channels "
-                              "(known: 16/16 text-to-video, 48/48 TI2V-5B, 36/16 I2V-A14B)")
+                              "(known: 16/16 text-to-video and VACE, 48/48 TI2V-5B, 36/16 image-to-video)")
+    if "img_emb.proj.0.weight" in sd:  # Wan 2.1 I2V / FLF2V: CLIP image tokens through their own keys and values
+        values["image_dim"] = sd["img_emb.proj.0.weight"].shape[0]
+        if "img_emb.emb_pos" in sd:
+            values.update(model_type="flf2v", image_positions=sd["img_emb.emb_pos"].shape[1])
+    vace = len({k.split(".")[1] for k in sd if k.startswith("vace_blocks.")})
+    if vace:  # VACE: n hint blocks spread evenly over the main blocks (ECOSYSTEM_FACTS §6)
+        if "vace_patch_embedding.weight" not in sd or values["num_layers"] % vace:
+            raise CheckpointError(f"a VACE file with {vace} VACE blocks for {values['num_layers']} blocks, or without "
+                                  "vace_patch_embedding, is incomplete or of another model")
+        step = values["num_layers"] // vace
+        values.update(vace_layers=tuple(range(0, values["num_layers"], step)),
+                      vace_in_dim=sd["vace_patch_embedding.weight"].shape[1])
     for name, parse in _METADATA_FIELDS.items():
         if f"sora.{name}" in metadata:
             values[name] = parse(metadata[f"sora.{name}"])

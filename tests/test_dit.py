@@ -198,7 +198,7 @@ def test_input_errors():
         model(x, torch.zeros(1, 3), context)
     with pytest.raises(InputError, match="RoPE table"):
         WanDiT(DiTConfig(**{**PRESETS["tiny"].__dict__, "rope_max_len": 2}))(x.expand(-1, -1, 3, -1, -1), t, context)
-    with pytest.raises(InputError, match="not supported yet"):
+    with pytest.raises(InputError, match="learned positions"):
         DiTConfig(model_type="flf2v")
 
 

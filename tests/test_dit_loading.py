@@ -233,9 +233,8 @@ def test_shape_mismatch_names_the_key(tmp_path, original):
 
 
 @pytest.mark.parametrize("extra,family", [
-    ("img_emb.proj.0.bias", "Wan 2.1 image-to-video"),
-    ("img_emb.emb_pos", "FLF2V"),
-    ("vace_patch_embedding.weight", "VACE"),
+    ("audio_injector.weight", "speech-to-video"),
+    ("casual_audio_encoder.weight", "speech-to-video"),
 ])
 def test_unsupported_families(tmp_path, original, extra, family):
     save_file({**original, extra: torch.zeros(4)}, tmp_path / "other.safetensors")
