@@ -476,7 +476,7 @@ class WanDiT(nn.Module):
 
         def run(tokens: torch.Tensor) -> torch.Tensor:
             state = [c for c, _ in hints]  # VACE: each context's current tokens, run beside the main blocks
-            embedded = tokens  # the noisy latent's tokens before any block
+            embedded = tokens if hints else None  # VACE: the noisy latent's tokens before any block
             for i, block in enumerate(self.blocks):
                 args = (context, context_counts, e0, t_index, rotations, token_counts, image_tokens)
                 tokens = block(tokens, *args)
@@ -489,7 +489,9 @@ class WanDiT(nn.Module):
                         tokens = tokens + vace_block.after_proj(state[n]).float() * strength
             return tokens
 
-        tokens = run(tokens) if blocks is None else blocks(run, tokens, e, e0)
+        given = [tokens]  # handed over, not kept here: the loop frees each block's input as the plain loop did
+        del tokens
+        tokens = run(given.pop()) if blocks is None else blocks(run, given.pop(), e, e0)
         out = self.head(tokens, e, t_index)  # [B, L, prod(patch)·out_dim]
         if samples is None:
             return self._unpatchify(out, grids[0])
