@@ -14,7 +14,7 @@ the low-noise expert below; both continue the same solver state.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -107,9 +107,10 @@ class ClassifierFreeGuidance:
         return sides
 
     def velocity(self, model: ModelHandle, x: torch.Tensor, timestep: torch.Tensor, scale: float,
-                 call: ModelCall | None = None) -> torch.Tensor:
+                 call: ModelCall | None = None, **conditions) -> torch.Tensor:
         """The guided velocity at `x` [B, C, T, H, W] for `timestep` [B] or [B, T]; float32. `model` is a
-        `ModelHandle` or a plain model (wrapped in a handle without patches)."""
+        `ModelHandle` or a plain model (wrapped in a handle without patches); `conditions` (image tokens, VACE
+        contexts: the same for every pass) go to it as keyword inputs."""
         model = as_handle(model)
         passes = self.passes(scale)
         names = tuple(side for side, _ in passes)
@@ -117,10 +118,12 @@ class ClassifierFreeGuidance:
             n = len(passes)
             context = torch.cat([p.context for _, p in passes])
             step = call if call is None else ModelCall(call.step, call.steps, call.sigma, names)
-            outputs = model(torch.cat([x] * n), torch.cat([timestep] * n), context, step).float().chunk(n)
+            outputs = model(torch.cat([x] * n), torch.cat([timestep] * n), context, step,
+                            **_repeated(conditions, n)).float().chunk(n)
         else:
             outputs = [model(x, timestep, p.context, call if call is None else
-                             ModelCall(call.step, call.steps, call.sigma, (side,))).float() for side, p in passes]
+                             ModelCall(call.step, call.steps, call.sigma, (side,)), **conditions).float()
+                       for side, p in passes]
         v_cond = _weighted_mean([(o, p.weight) for o, (side, p) in zip(outputs, passes) if side == "cond"])
         if scale == 1.0:
             self.last = (v_cond, None)
@@ -128,6 +131,17 @@ class ClassifierFreeGuidance:
         v_uncond = _weighted_mean([(o, p.weight) for o, (side, p) in zip(outputs, passes) if side == "uncond"])
         self.last = (v_cond, v_uncond)
         return v_uncond + scale * (v_cond - v_uncond)
+
+
+def _repeated(conditions: dict, n: int) -> dict:
+    """Conditions for a batch of `n` passes: every tensor (also inside (tensor, strength) pairs) repeated n times."""
+    def repeat(value):
+        if isinstance(value, torch.Tensor):
+            return torch.cat([value] * n)
+        if isinstance(value, (list, tuple)):
+            return type(value)(repeat(v) for v in value)
+        return value
+    return {k: repeat(v) for k, v in conditions.items()}
 
 
 def _weighted_mean(outputs: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
@@ -174,6 +188,7 @@ class Guider:
     low_scales: list[float] | None = None
     boundary_t: float = 875.0
     extra_channels: torch.Tensor | None = None
+    conditions: dict = field(default_factory=dict)  # the model's keyword inputs (image tokens, VACE contexts)
 
     def expert(self, sigma: float) -> tuple[ModelHandle, bool]:
         """The model of a step at `sigma`, and whether it is the high-noise one."""
@@ -185,4 +200,4 @@ class Guider:
         scale = self.scales[call.step] if high else self.low_scales[call.step]
         if self.extra_channels is not None:
             x = torch.cat([x, self.extra_channels], dim=1)
-        return self.cfg.velocity(model, x, timestep, scale, call)
+        return self.cfg.velocity(model, x, timestep, scale, call, **self.conditions)

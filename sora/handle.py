@@ -8,9 +8,10 @@ manager places them once for everyone. What a graph does to the model lives on a
   removed afterwards (`sora.ops.installed`), so two handles on one model compute independently, fp8 weights stay
   fp8 and a streamed block carries its patches.
 - `wrappers`: forward wrappers (step caches, compiled blocks, parallel execution), outermost first. A wrapper is
-  called as `wrapper(forward, x, timestep, context, call)` and returns the velocity, usually by calling
-  `forward(x, timestep, context, call)`; `call` (a `ModelCall`, or None outside a sampler) says which step and
-  which guidance passes the call is for.
+  called as `wrapper(forward, x, timestep, context, call, **conditions)` and returns the velocity, usually by
+  calling `forward(x, timestep, context, call, **conditions)`; `call` (a `ModelCall`, or None outside a sampler)
+  says which step and which guidance passes the call is for; `conditions` are the model's keyword inputs (image
+  tokens, VACE contexts, `blocks` for a block-stack hook; see `sora.dit.WanDiT.forward`).
 - `memory`: Sora Memory Options for this model (a budget while it runs, blocks kept resident), applied by the
   memory manager on every call.
 
@@ -48,12 +49,12 @@ class ModelCall:
     passes: tuple[str, ...] = ("cond",)
 
 
-Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "ModelCall | None"], torch.Tensor]
+Forward = Callable[..., torch.Tensor]  # (x, timestep, context, call, **conditions) -> velocity
 
 
 class ForwardWrapper(Protocol):
     def __call__(self, forward: Forward, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                 call: ModelCall | None) -> torch.Tensor:
+                 call: ModelCall | None, **conditions) -> torch.Tensor:
         ...
 
 
@@ -142,17 +143,18 @@ class ModelHandle:
     # -- running ---------------------------------------------------------------------------------------------------
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                 call: ModelCall | None = None) -> torch.Tensor:
-        """The velocity for `x` (see `sora.dit.WanDiT.forward`), through this handle's wrappers and patches."""
+                 call: ModelCall | None = None, **conditions) -> torch.Tensor:
+        """The velocity for `x` (see `sora.dit.WanDiT.forward`), through this handle's wrappers and patches;
+        `conditions` go to the model as keyword inputs."""
         forward: Forward = self._forward
         for wrapper in reversed(self.wrappers):
             forward = functools.partial(wrapper, forward)
-        return forward(x, timestep, context, call)
+        return forward(x, timestep, context, call, **conditions)
 
-    def _forward(self, x, timestep, context, call):
+    def _forward(self, x, timestep, context, call, **conditions):
         with self.placed(x, timestep, context), \
                 ops.installed(self.model, self._table()) if self.patches else contextlib.nullcontext():
-            return self.model(x, timestep, context)
+            return self.model(x, timestep, context, **conditions)
 
     @contextlib.contextmanager
     def placed(self, *args):

@@ -202,7 +202,8 @@ def run_sampling(model, latent: torch.Tensor, sigmas: torch.Tensor, positive, ne
                  seed: int = 0, noise_mask: torch.Tensor | None = None, low_noise_model=None,
                  boundary_t: float = 875.0, low_noise_guidance: float | Sequence[float] | torch.Tensor | None = None,
                  denoise: float = 1.0, add_noise: bool = True, batched_cfg: bool = True,
-                 extra_channels: torch.Tensor | None = None, callback: Callback | None = None,
+                 extra_channels: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None,
+                 vace: Sequence[tuple[torch.Tensor, float]] = (), callback: Callback | None = None,
                  interrupt: Callable[[], None] | None = None, device: torch.device | str | None = None) -> Sampled:
     """Denoise `latent` along `sigmas`.
 
@@ -227,6 +228,9 @@ def run_sampling(model, latent: torch.Tensor, sigmas: torch.Tensor, positive, ne
     batched_cfg: the guidance passes in one forward (True) or one each (less memory).
     extra_channels: [B or 1, C_extra, T, H, W] appended to the latent's channels on every model call, the same for
         every guidance pass (Wan I2V models: `conditioning.wan_i2v_channels`).
+    image_tokens: CLIP image tokens [B or 1, N, 1280] for a model with an image branch (Wan 2.1 I2V / FLF2V),
+        the same for every guidance pass.
+    vace: VACE contexts [B or 1, 96, T, H, W] with their strengths (`sora.vace`), the same for every pass.
     callback: called after every step as `callback(step, total, x0)` with step = 1..total and x0 that step's
         prediction of the clean raw latent, for progress and previews.
     interrupt: called before every step; it raises sora.errors.Interrupted to stop the run, which then releases
@@ -260,7 +264,13 @@ def run_sampling(model, latent: torch.Tensor, sigmas: torch.Tensor, positive, ne
     if noise_mask is not None:
         known = KnownFrames(prepare_mask(noise_mask, raw.shape).to(device), start, noise, per_token)
     cfg = ClassifierFreeGuidance(positive, negative, raw.shape[0], batched_cfg).to(device)
-    guider = Guider(high, cfg, scales, low, low_scales, boundary_t, _image_channels(extra_channels, raw))
+    conditions = {}
+    if image_tokens is not None:
+        conditions["image"] = image_tokens.to(device, torch.float32).expand(raw.shape[0], -1, -1)
+    if vace:
+        conditions["vace"] = [(c.to(device, torch.float32).expand(raw.shape[0], -1, -1, -1, -1), float(s))
+                              for c, s in vace]
+    guider = Guider(high, cfg, scales, low, low_scales, boundary_t, _image_channels(extra_channels, raw), conditions)
     manager = memory.get_manager()
 
     def velocity(x: torch.Tensor, timestep: torch.Tensor, call: ModelCall) -> torch.Tensor:
