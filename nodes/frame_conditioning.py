@@ -162,10 +162,11 @@ class SoraImageToVideo:
 
 class SoraWanImageToVideo:
     DISPLAY_NAME = "Sora Wan Image To Video"
-    DESCRIPTION = ("Image to video for Wan image-to-video models (Wan 2.2 I2V-A14B): the start image (and "
-                   "optionally an end image) is resized into the first (last) frame of a mid-gray video, encoded, "
-                   "and added to the positive and negative conditioning as core's WanImageToVideo does. Connect "
-                   "all three outputs to Sora Sampler.")
+    DESCRIPTION = ("Image to video for Wan image-to-video models (Wan 2.1 I2V-14B, FLF2V-14B, Wan 2.2 "
+                   "I2V-A14B): the start image (and optionally an end image) is resized into the first (last) "
+                   "frame of a mid-gray video, encoded, and added to the positive and negative conditioning with "
+                   "the images' CLIP vision tokens (Wan 2.1), as core's WanImageToVideo and "
+                   "WanFirstLastFrameToVideo do. Connect all three outputs to Sora Sampler.")
     CATEGORY = category("frames")
     FUNCTION = "condition"
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
@@ -194,10 +195,17 @@ class SoraWanImageToVideo:
             },
             "optional": {
                 "end_image": ("IMAGE", {"tooltip": "Optional last frame (first-last-frame): the clip ends on it."}),
+                "clip_vision_start_image": ("CLIP_VISION_OUTPUT", {
+                    "tooltip": "Wan 2.1 I2V-14B / FLF2V-14B: the start image encoded by Sora CLIP Vision Encode "
+                               "(the model reads it through its image tokens). Not used by Wan 2.2."}),
+                "clip_vision_end_image": ("CLIP_VISION_OUTPUT", {
+                    "tooltip": "FLF2V-14B: the end image encoded by Sora CLIP Vision Encode (joined after the "
+                               "start image's tokens)."}),
             },
         }
 
-    def condition(self, positive, negative, vae, start_image, width, height, frames, batch, end_image=None):
+    def condition(self, positive, negative, vae, start_image, width, height, frames, batch, end_image=None,
+                  clip_vision_start_image=None, clip_vision_end_image=None):
         node = type(self)
         latent_frames = frames_on_grid(node, "frames", frames, vae.config.temporal_factor)
         s = vae.config.spatial_factor
@@ -218,8 +226,27 @@ class SoraWanImageToVideo:
         mask = sora.conditioning.wan_i2v_mask(known, latent_frames, height // s, width // s,
                                               vae.config.temporal_factor)
         empty = encoded.new_zeros(batch, encoded.shape[1], *encoded.shape[2:])
-        return (sora.conditioning.with_image_condition(positive, encoded, mask),
-                sora.conditioning.with_image_condition(negative, encoded, mask), {"samples": empty})
+        tokens = self._clip_vision(clip_vision_start_image, clip_vision_end_image)
+        return (sora.conditioning.with_image_condition(positive, encoded, mask, tokens),
+                sora.conditioning.with_image_condition(negative, encoded, mask, tokens), {"samples": empty})
+
+    def _clip_vision(self, start, end):
+        """The CLIP vision output the model reads: the start image's, followed by the end image's (FLF2V)."""
+        node = type(self)
+        given = {name: out for name, out in (("clip_vision_start_image", start), ("clip_vision_end_image", end))
+                 if out is not None}
+        for name, out in given.items():
+            if not hasattr(out, "penultimate_hidden_states"):
+                raise input_error(node, name, type(out).__name__, "is not a CLIP vision output; connect Sora CLIP "
+                                                                  "Vision Encode")
+        if end is not None and start is None:
+            raise input_error(node, "clip_vision_end_image", "CLIP_VISION_OUTPUT",
+                              "is given without clip_vision_start_image; FLF2V reads the start image's tokens "
+                              "first, so encode the start image too")
+        if len(given) < 2:
+            return start
+        with about(node, "clip_vision_end_image"):
+            return sora.clip_vision.concat_outputs(start, end)
 
 
 class SoraVideoToVideo:

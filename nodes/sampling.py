@@ -11,6 +11,8 @@ headless) stops the run between two steps.
 """
 from __future__ import annotations
 
+import logging
+
 from ._comfy_sampler import core_sampler
 from ._common import (
     Described,
@@ -26,6 +28,7 @@ from ._handles import DIT
 from ._sora import sora
 
 MAX_SEED = 2**64 - 1
+log = logging.getLogger(__name__)
 
 
 class SoraScheduler:
@@ -182,6 +185,7 @@ class SoraSampler:
         prompts = {name: self._prompts(model, name, cond) for name, cond in (("positive", positive),
                                                                              ("negative", negative))}
         image = self._image_channels(model, positive, samples)
+        tokens = self._image_tokens(model, positive, samples)
         if model_low_noise is not None:
             self._check_experts(model, model_low_noise)
         with about(node, "sigmas"):
@@ -192,7 +196,8 @@ class SoraSampler:
                 model, samples, sigmas, prompts["positive"], prompts["negative"], guidance=guidance, sampler=solver,
                 seed=seed, noise_mask=latent.get("noise_mask"), low_noise_model=model_low_noise,
                 boundary_t=boundary * 1000.0, low_noise_guidance=guidance_low_noise or None, denoise=denoise,
-                add_noise=add_noise, extra_channels=image, callback=_progress_callback(bar, model.latent_format),
+                add_noise=add_noise, extra_channels=image, image_tokens=tokens,
+                callback=_progress_callback(bar, model.latent_format),
                 interrupt=sora.runtime.check_interrupt, device=sora.memory.get_manager().compute_device)
         return ({**latent, "samples": run.latent}, {**latent, "samples": run.denoised})
 
@@ -237,6 +242,38 @@ class SoraSampler:
                               f"{list(condition[0].shape)}); connect the latent output of the same Sora Wan Image "
                               "To Video node, or give it this latent's size and frames")
         return channels
+
+    def _image_tokens(self, model, positive, samples):
+        """The CLIP image tokens [B or 1, N, image_dim] of a Wan 2.1 I2V / FLF2V model, from the CLIP vision
+        output `positive` carries (ours or core's Wan image-to-video nodes put it there); None for other models,
+        which ignore a CLIP vision output with a warning (Wan 2.2 I2V-A14B reads only the image channels)."""
+        node = type(self)
+        with about(node, "positive"):
+            tokens = sora.conditioning.image_tokens(positive)
+        width = model.config.image_dim
+        if width is None:
+            if tokens is not None:
+                log.warning("%s: %s has no CLIP image branch (a Wan 2.1 I2V / FLF2V model has one); the "
+                            "clip_vision_output in 'positive' is ignored", node.DISPLAY_NAME, model.name)
+            return None
+        if tokens is None:
+            raise input_error(node, "positive", Described("CONDITIONING without CLIP image tokens"),
+                              f"but {model.name} is a Wan 2.1 {model.config.model_type.upper()} model, which reads "
+                              "the start image through CLIP vision too; connect Sora CLIP Vision Encode (start "
+                              "image) to Sora Wan Image To Video's clip_vision_start_image (and the end image's "
+                              "to clip_vision_end_image for FLF2V)")
+        if tokens.shape[-1] != width:
+            raise input_error(node, "positive", Described(f"CLIP image tokens {list(tokens.shape)}"),
+                              f"are {tokens.shape[-1]} wide but {model.name} reads {width}-wide ones (CLIP ViT-H/14, "
+                              "clip_vision_h.safetensors); encode the image with that model")
+        batch = samples.shape[0]
+        if tokens.shape[0] not in (1, batch):
+            if tokens.shape[0] < batch:
+                raise input_error(node, "positive", Described(f"CLIP image tokens {list(tokens.shape)}"),
+                                  f"have {tokens.shape[0]} images for a batch of {batch}; encode one image (it is "
+                                  "shared) or one per video")
+            tokens = tokens[:batch]  # as core: the first `batch` of them
+        return tokens
 
     def _check_experts(self, high, low):
         if high.expert == sora.handle.LOW_NOISE or low.expert == sora.handle.HIGH_NOISE:

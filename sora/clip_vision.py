@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import memory, ops
 from .attention import attention, check_backend
 from .checkpoints import StateDict, build, describe, load_state_dict
 from .errors import CheckpointError, InputError
@@ -233,7 +233,7 @@ class LayerNorm(nn.LayerNorm):
 class Embeddings(nn.Module):
     def __init__(self, cfg: CLIPVisionConfig):
         super().__init__()
-        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
         self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.position_embedding = nn.Embedding(cfg.num_tokens, cfg.hidden_size)
         self.patch_size = cfg.patch_size
@@ -341,6 +341,17 @@ class ClipVisionOutput:
         return vars(self).keys()
 
 
+def concat_outputs(*outputs) -> ClipVisionOutput:
+    """Several images' outputs as one: their penultimate states joined along the tokens, [B, N1 + N2, D], which is
+    how FLF2V reads the start and the end image (ComfyUI's WanFirstLastFrameToVideo joins them the same way).
+    Takes ours or core's outputs (anything with `penultimate_hidden_states`)."""
+    states = [o.penultimate_hidden_states for o in outputs]
+    if len({(s.shape[0], s.shape[-1]) for s in states}) != 1:
+        raise InputError(f"CLIP vision outputs of shapes {[list(s.shape) for s in states]} do not join: encode "
+                         "each image with the same CLIP vision model, one image each")
+    return ClipVisionOutput(torch.cat(states, dim=-2))
+
+
 class CLIPVisionEncoder(nn.Module):
     """CLIP vision tower: normalised pixels -> per-token states, computed in `compute_dtype` (float32 unless set)."""
 
@@ -421,9 +432,14 @@ class CLIPVisionEncoder(nn.Module):
         """
         mode = ("center" if crop else "none") if isinstance(crop, bool) else crop
         device = images.device
-        pixels = preprocess(images.to(self.vision_model.embeddings.class_embedding.device), mode,
-                            size=self.config.image_size)
-        out = self.encode(pixels, full=full)
+        manager = memory.get_manager()
+        manager.register(self, name="CLIP vision")
+        cfg = self.config
+        # Working memory: the MLP's float32 hidden states and a few copies of the token states.
+        activation = images.shape[0] * cfg.num_tokens * (cfg.intermediate_size + 8 * cfg.hidden_size) * 4
+        with manager.use(self, activation_bytes=activation) as placement:
+            pixels = preprocess(images.to(placement.device), mode, size=cfg.image_size)
+            out = self.encode(pixels, full=full)
         for key in ("penultimate_hidden_states", "last_hidden_state", "image_embeds", "pooler_output"):
             if out[key] is not None:
                 out[key] = out[key].to(device)

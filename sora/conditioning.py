@@ -262,10 +262,31 @@ def image_condition(cond: list) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None
 
 
-def with_image_condition(cond: list, concat_latent_image: torch.Tensor, concat_mask: torch.Tensor) -> list:
-    """A new CONDITIONING whose every entry carries the image condition (the input is left unchanged)."""
-    return [[emb, {**extras, "concat_latent_image": concat_latent_image, "concat_mask": concat_mask}]
-            for emb, extras in cond]
+def with_image_condition(cond: list, concat_latent_image: torch.Tensor, concat_mask: torch.Tensor,
+                         clip_vision_output=None) -> list:
+    """A new CONDITIONING whose every entry carries the image condition, and the CLIP vision output when given
+    (the input is left unchanged)."""
+    added = {"concat_latent_image": concat_latent_image, "concat_mask": concat_mask}
+    if clip_vision_output is not None:
+        added["clip_vision_output"] = clip_vision_output
+    return [[emb, {**extras, **added}] for emb, extras in cond]
+
+
+def image_tokens(cond: list) -> torch.Tensor | None:
+    """The CLIP image tokens [B, N, D] (`clip_vision_output.penultimate_hidden_states`, as core's Wan nodes and
+    ours store them) of the first CONDITIONING entry that carries a CLIP vision output, or None."""
+    for entry in cond if isinstance(cond, (list, tuple)) else ():
+        extras = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+        output = extras.get("clip_vision_output") if isinstance(extras, dict) else None
+        if output is None:
+            continue
+        tokens = getattr(output, "penultimate_hidden_states", None)
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3:
+            got = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise InputError(f"the CONDITIONING's clip_vision_output has no [B, N, D] penultimate_hidden_states "
+                             f"(got {got}); make it with a CLIP Vision Encode node")
+        return tokens
+    return None
 
 
 def join(parts: Sequence[torch.Tensor], overlap: int, loop: bool = False, atol: float = 1e-4) -> torch.Tensor:

@@ -117,8 +117,15 @@ class ModelHandle:
             return "nano"
         if config.model_type == "ti2v":
             return "wan22_ti2v_5b"
+        if config.model_type == "flf2v":
+            return "wan21_flf2v"
+        if config.model_type == "i2v" and getattr(config, "image_dim", None) is not None:
+            # Wan 2.1 I2V-14B: 480P and 720P share the shapes (not the shift); the file name tells them apart
+            return "wan21_i2v_720p" if "720" in self.name else "wan21_i2v_480p"
         if config.model_type == "i2v":
             return "wan22_i2v_a14b"
+        if getattr(config, "vace_layers", ()):
+            return "wan21_vace"
         return "wan21_t2v" if self.expert == SINGLE else "wan22_t2v_a14b"
 
     def defaults(self):

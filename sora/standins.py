@@ -20,6 +20,11 @@
     DIR/diffusion_models/wan2.1-t2v-14b-Q8_0.gguf            the same layout in Q8_0
     DIR/text_encoders/umt5-xxl-encoder-Q8_0.gguf             umT5 in llama.cpp's T5 names, Q8_0, with its
                                                              tokenizer in the GGUF metadata
+    DIR/diffusion_models/wan2.1_i2v_480p_14B_fp16.safetensors  Wan 2.1 I2V-14B: 36 input channels and the CLIP
+                                                             image branch (img_emb, k_img / v_img), fp16
+    DIR/diffusion_models/wan2.1_flf2v_720p_14B_fp16.safetensors  Wan 2.1 FLF2V-14B: as I2V plus the learned
+                                                             positions of two images (img_emb.emb_pos)
+    DIR/clip_vision/clip_vision_h.safetensors                ComfyUI's CLIP vision layout (transformers names)
 
 The tensors follow the real key layouts and are detected by the loaders exactly like the real files (the DiTs have
 128-channel heads, the umT5 width equals the DiTs' text_dim, the VAEs have the real latent channels and
@@ -38,6 +43,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoints import StateDict
+from .clip_vision import CLIP_VISION_TINY, CLIPVisionEncoder
 from .dit import DiTConfig, WanDiT
 from .text_umt5 import UMT5Config, UMT5Encoder
 from .vae import VAEConfig, WanVAE
@@ -53,6 +59,12 @@ WAN22_DIT_STANDIN = DiTConfig(model_type="ti2v", in_dim=48, out_dim=48, latent_f
                               per_token_timesteps=True, **_DIT_SHAPE)
 # the two I2V-A14B experts: the same shapes, different random weights (as the real pair differs only in values)
 WAN22_I2V_DIT_STANDIN = DiTConfig(model_type="i2v", in_dim=36, out_dim=16, **_DIT_SHAPE)
+# Wan 2.1 I2V-14B and FLF2V-14B: the I2V experts' channels plus the CLIP image branch, as wide as the stand-in
+# CLIP vision model's tokens (FLF2V: learned positions for two images)
+WAN21_I2V_DIT_STANDIN = DiTConfig(model_type="i2v", in_dim=36, out_dim=16, image_dim=CLIP_VISION_TINY.hidden_size,
+                                  **_DIT_SHAPE)
+WAN21_FLF2V_DIT_STANDIN = DiTConfig(model_type="flf2v", in_dim=36, out_dim=16, image_dim=CLIP_VISION_TINY.hidden_size,
+                                    image_positions=2 * CLIP_VISION_TINY.num_tokens, **_DIT_SHAPE)
 WAN21_VAE_STANDIN = VAEConfig(base_dim=8, decoder_base_dim=8, z_dim=16, num_res_blocks=1)
 WAN22_VAE_STANDIN = VAEConfig(base_dim=8, decoder_base_dim=8, z_dim=48, num_res_blocks=1, patch_size=2,
                               residual_shortcuts=True)
@@ -96,6 +108,13 @@ def _dit(config: DiTConfig, dtype: torch.dtype, seed: int) -> Callable[[], State
 def _vae(config: VAEConfig, dtype: torch.dtype, seed: int) -> Callable[[], StateDict]:
     def build() -> StateDict:
         return {k: v.to(dtype) for k, v in _seeded(seed, lambda: WanVAE(config)).state_dict().items()}
+    return build
+
+
+def _clip_vision(seed: int) -> Callable[[], StateDict]:
+    """ComfyUI's clip_vision_h.safetensors layout (transformers' CLIPVisionModelWithProjection names), fp16."""
+    def build() -> StateDict:
+        return {k: v.half() for k, v in _seeded(seed, lambda: CLIPVisionEncoder(CLIP_VISION_TINY)).state_dict().items()}
     return build
 
 
@@ -295,6 +314,10 @@ STANDINS: tuple[StandIn, ...] = (
             _write_gguf("wan", _q4_k_m)),
     StandIn("diffusion_models", "wan2.1-t2v-14b-Q8_0.gguf", _gguf_dit(GGUF_DIT_STANDIN, 13), _write_gguf("wan", _q8_0)),
     StandIn("text_encoders", "umt5-xxl-encoder-Q8_0.gguf", _umt5(3), _write_gguf("t5encoder", _q8_0, _t5_tokenizer)),
+    StandIn("diffusion_models", "wan2.1_i2v_480p_14B_fp16.safetensors", _dit(WAN21_I2V_DIT_STANDIN, torch.float16, 14)),
+    StandIn("diffusion_models", "wan2.1_flf2v_720p_14B_fp16.safetensors",
+            _dit(WAN21_FLF2V_DIT_STANDIN, torch.float16, 15)),
+    StandIn("clip_vision", "clip_vision_h.safetensors", _clip_vision(16)),
 )
 
 

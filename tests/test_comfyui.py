@@ -346,3 +346,115 @@ def test_a_client_cannot_make_the_server_read_outside_its_folders(server, tmp_pa
         assert errors[0]["extra_info"]["input_name"] == "image", body
         assert "outside ComfyUI's input folder" in errors[0]["details"], body
     assert sorted(p for p in (server.base / "output").rglob("*") if p.is_file()) == outputs_before
+
+
+@pytest.fixture(scope="module")
+def full_size_image_models(server):
+    """Files core's loaders accept, which insist on the released shapes: a random full-size CLIP ViT-H/14 in
+    clip_vision_h's layout and a random full-size Wan 2.1 VAE; plus tiny Wan 2.1 I2V / FLF2V DiTs whose image
+    branch reads 1280-wide tokens."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sora.clip_vision import CLIP_VISION_H, CLIPVisionEncoder
+    from sora.vae import VAEConfig, WanVAE
+
+    models = server.base / "models"
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in CLIPVisionEncoder(CLIP_VISION_H).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    clip = {k: (torch.ones(s) if "layer_norm" in k or "layrnorm" in k else torch.randn(s, generator=generator) * 0.02)
+            .half() for k, s in shapes.items()}
+    save_file(clip, str(models / "clip_vision" / "clip_vision_h_full.safetensors"))
+    del clip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        vae = {k: v.half().contiguous() for k, v in WanVAE(VAEConfig()).state_dict().items()}
+    save_file(vae, str(models / "vae" / "wan_2.1_vae_full.safetensors"))
+    shape = dict(standins._DIT_SHAPE, in_dim=36, out_dim=16, image_dim=1280)
+    dits = {"wan2.1_i2v_480p_clip_h.safetensors": standins.DiTConfig(model_type="i2v", **shape),
+            "wan2.1_flf2v_720p_clip_h.safetensors": standins.DiTConfig(model_type="flf2v", image_positions=514,
+                                                                       **shape)}
+    for seed, (name, config) in enumerate(dits.items()):
+        save_file(standins._dit(config, torch.float16, 20 + seed)(), str(models / "diffusion_models" / name))
+    return {"clip": "clip_vision_h_full.safetensors", "vae": "wan_2.1_vae_full.safetensors", "dits": list(dits)}
+
+
+def image_to_video_prompt(dit: str, clip_loader: dict, clip_encoder: str, i2v: dict) -> dict:
+    """Text, CLIP vision and image-to-video nodes (our or core's, as given) feeding our sampler, whose latent is
+    saved; node 9 is the start image, 10 the end image, 11 the text encode, 12 the CLIP vision loader."""
+    prompt = {
+        "1": {"class_type": "SoraModelLoader", "inputs": {"model_name": dit, "weight_dtype": "default",
+                                                         "compute_dtype": "auto", "attention": "sdpa",
+                                                         "expert": "auto (from the file name)"}},
+        "2": {"class_type": "SoraTextEncoderLoader", "inputs": {
+            "text_encoder_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "weight_dtype": "default",
+            "compute_dtype": "auto"}},
+        "3": {"class_type": "SoraScheduler", "inputs": {"model": ["1", 0], "steps": 2, "shift": 0.0,
+                                                       "schedule": "wan_unipc", "denoise": 1.0}},
+        "9": {"class_type": "SoraLoadImage", "inputs": {"image": "sora_start_frame.png", "width": 0, "height": 0}},
+        "10": {"class_type": "SoraLoadImage", "inputs": {"image": "sora_end_frame.png", "width": 0, "height": 0}},
+        "11": {"class_type": "SoraTextEncode", "inputs": {"text_encoder": ["2", 0], "prompt": "a red ball",
+                                                         "negative_preset": "wan i2v", "negative_prompt": ""}},
+        "12": clip_loader,
+        "13": {"class_type": clip_encoder, "inputs": {"clip_vision": ["12", 0], "image": ["9", 0], "crop": "none"}},
+        "14": {"class_type": clip_encoder, "inputs": {"clip_vision": ["12", 0], "image": ["10", 0], "crop": "none"}},
+        "15": i2v,
+        "16": {"class_type": "SoraSampler", "inputs": {"model": ["1", 0], "positive": ["15", 0],
+                                                      "negative": ["15", 1], "latent": ["15", 2], "sigmas": ["3", 0],
+                                                      "seed": 3, "guidance": 5.0, "sampler_name": "unipc",
+                                                      "denoise": 1.0}},
+        "17": {"class_type": "SaveLatent", "inputs": {"samples": ["16", 0], "filename_prefix": "latents/i2v"}},
+    }
+    return prompt
+
+
+def test_core_clip_vision_nodes_and_ours_interoperate(server, full_size_image_models, tmp_path):
+    """Core's CLIPVisionLoader / CLIPVisionEncode drive Sora Wan Image To Video and our sampler, giving the latent
+    our own CLIP nodes give; our CLIP outputs drive core's WanImageToVideo and WanFirstLastFrameToVideo."""
+    import torch
+
+    files = full_size_image_models
+    i2v_dit, flf2v_dit = files["dits"]
+    core_loader = {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": files["clip"]}}
+    our_loader = {"class_type": "SoraCLIPVisionLoader", "inputs": {"clip_name": files["clip"], "dtype": "fp32"}}
+    ours_i2v = {"class_type": "SoraWanImageToVideo", "inputs": {
+        "positive": ["11", 0], "negative": ["11", 1], "vae": ["18", 0], "start_image": ["9", 0], "width": 64,
+        "height": 32, "frames": 9, "batch": 1, "clip_vision_start_image": ["13", 0]}}
+    our_vae = {"class_type": "SoraVAELoader", "inputs": {"vae_name": "wan_2.1_vae.safetensors", "dtype": "auto"}}
+    latents = {}
+    for name, loader, encoder in (("core clip", core_loader, "CLIPVisionEncode"),
+                                  ("our clip", our_loader, "SoraCLIPVisionEncode"),
+                                  ("other image", our_loader, "SoraCLIPVisionEncode")):
+        prompt = image_to_video_prompt(i2v_dit, loader, encoder, ours_i2v)
+        prompt["18"] = our_vae
+        if name == "other image":  # the CLIP tokens of the end frame, the same VAE condition
+            prompt["13"]["inputs"]["image"] = ["10", 0]
+        else:
+            del prompt["14"], prompt["10"]
+        entry = server.run(prompt)
+        assert entry["status"]["status_str"] == "success", (name, json.dumps(entry["status"]["messages"])[-3000:])
+        latents[name] = saved_latent(server, entry, "17", tmp_path)
+    assert torch.isfinite(latents["our clip"]).all()
+    # the same tokens from either encoder (both compute in float32 from the same fp16 weights): the latents differ
+    # far less than another image's tokens make them differ
+    tokens_effect = (latents["other image"] - latents["our clip"]).abs().max()
+    assert tokens_effect > 1e-3
+    assert (latents["core clip"] - latents["our clip"]).abs().max() < 0.01 * tokens_effect
+
+    core_vae = {"class_type": "VAELoader", "inputs": {"vae_name": files["vae"]}}
+    common = {"positive": ["11", 0], "negative": ["11", 1], "vae": ["18", 0], "width": 64, "height": 32,
+              "length": 9, "batch_size": 1, "start_image": ["9", 0]}
+    for dit, i2v in ((i2v_dit, {"class_type": "WanImageToVideo",
+                                "inputs": {**common, "clip_vision_output": ["13", 0]}}),
+                     (flf2v_dit, {"class_type": "WanFirstLastFrameToVideo",
+                                  "inputs": {**common, "end_image": ["10", 0], "clip_vision_start_image": ["13", 0],
+                                             "clip_vision_end_image": ["14", 0]}})):
+        prompt = image_to_video_prompt(dit, our_loader, "SoraCLIPVisionEncode", i2v)
+        prompt["18"] = core_vae
+        if i2v["class_type"] == "WanImageToVideo":
+            del prompt["14"], prompt["10"]
+        entry = server.run(prompt)
+        assert entry["status"]["status_str"] == "success", (dit, json.dumps(entry["status"]["messages"])[-3000:])
+        latent = saved_latent(server, entry, "17", tmp_path)
+        assert latent.shape == (1, 16, 3, 4, 8) and torch.isfinite(latent).all()

@@ -1,5 +1,6 @@
 """The install metadata says what the README and ComfyUI's tools expect."""
 import re
+from pathlib import Path
 
 import tomllib
 from conftest import REPO
@@ -47,8 +48,10 @@ def test_comfy_cli_validates_the_pack():
     """`comfy node validate` (comfy-cli, a test dependency): the registry metadata and its security checks."""
     import shutil
     import subprocess
+    import sys
 
-    comfy = shutil.which("comfy")
+    # on PATH, or beside this Python (a virtual environment that is not activated)
+    comfy = shutil.which("comfy") or shutil.which("comfy", path=str(Path(sys.executable).parent))
     assert comfy is not None, "comfy-cli is a test dependency: pip install -e '.[test]'"
     done = subprocess.run([comfy, "--skip-prompt", "--no-enable-telemetry", "node", "validate"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)

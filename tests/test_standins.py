@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sora import cli, dit, standins, text, vae
+from sora import cli, clip_vision, dit, standins, text, vae
 
 NAMES = {
     "diffusion_models/wan2.1_t2v_1.3B_bf16.safetensors",
@@ -22,6 +22,9 @@ NAMES = {
     "diffusion_models/wan2.1-t2v-14b-Q4_K_M.gguf",
     "diffusion_models/wan2.1-t2v-14b-Q8_0.gguf",
     "text_encoders/umt5-xxl-encoder-Q8_0.gguf",
+    "diffusion_models/wan2.1_i2v_480p_14B_fp16.safetensors",
+    "diffusion_models/wan2.1_flf2v_720p_14B_fp16.safetensors",
+    "clip_vision/clip_vision_h.safetensors",
 }
 
 
@@ -115,3 +118,18 @@ def test_gguf_standins_are_in_city96s_layout_and_load(root):
     assert metadata["general.architecture"] == "t5encoder" and "enc.blk.0.attn_q.weight" in tensors
     assert 0 < len(metadata["tokenizer.ggml.tokens"]) <= standins.UMT5_STANDIN.vocab_size  # the spiece pieces
     assert gguf_py.GGMLQuantizationType.Q8_0 == tensors["enc.blk.0.attn_q.weight"].qtype
+
+
+def test_the_wan21_image_models_and_clip_vision_are_detected_like_the_real_files(root):
+    encoder = clip_vision.load_clip_vision(root / "clip_vision/clip_vision_h.safetensors")
+    stored = keys_and_dtypes(root / "clip_vision/clip_vision_h.safetensors")
+    assert clip_vision.HF_ANCHOR in stored and "visual_projection.weight" in stored  # ComfyUI's layout
+    for name, model_type, positions in (("wan2.1_i2v_480p_14B_fp16.safetensors", "i2v", 0),
+                                        ("wan2.1_flf2v_720p_14B_fp16.safetensors", "flf2v",
+                                         2 * encoder.config.num_tokens)):
+        stored = keys_and_dtypes(root / "diffusion_models" / name)
+        assert "model.diffusion_model.img_emb.proj.0.weight" in stored
+        assert ("model.diffusion_model.img_emb.emb_pos" in stored) == bool(positions)
+        config = dit.load_dit(root / "diffusion_models" / name).config
+        assert (config.model_type, config.in_dim, config.out_dim) == (model_type, 36, 16)
+        assert config.image_dim == encoder.config.hidden_size and config.image_positions == positions

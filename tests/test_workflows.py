@@ -34,9 +34,10 @@ EXPECTED = {
     "wan22_ti2v_5B_i2v": (9, 64, 32, 24), "wan21_v2v_1.3B": (9, 64, 32, 16), "wan22_i2v_A14B": (9, 64, 32, 16),
     "nano_t2v": (33, 64, 64, 16), "nano_prompt_expansion": (33, 64, 64, 16),
     "wan21_t2v_14B_distill_lora": (9, 64, 32, 16), "wan21_t2v_14B_gguf": (9, 64, 32, 16),
+    "wan21_i2v_14B_480p": (9, 64, 32, 16), "wan21_flf2v_14B": (9, 64, 32, 16),
 }
 FILE_INPUTS = {"model_name": "diffusion_models", "text_encoder_name": "text_encoders", "vae_name": "vae",
-               "lora_name": "loras"}  # loader input -> the model folder it reads
+               "lora_name": "loras", "clip_name": "clip_vision"}  # loader input -> the model folder it reads
 
 
 def read(path: Path) -> dict:

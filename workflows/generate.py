@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 ASSETS = HERE / "assets"
 START_FRAME = "sora_start_frame.png"  # 320x176 (the 1280x704 aspect), resized by the workflow
 SOURCE_CLIP = "sora_source_clip.mp4"  # 81 frames of 208x120 (the 832x480 aspect) at 16 fps
+END_FRAME = "sora_end_frame.png"  # as START_FRAME, the ball further to the right
 
 WAN21_DIT = "wan2.1_t2v_1.3B_bf16.safetensors"
 WAN22_DIT = "wan2.2_ti2v_5B_fp16.safetensors"
@@ -38,6 +39,8 @@ DISTILL_LORA = "wan2.1_t2v_14b_lora_rank64_lightx2v_4step.safetensors"
 I2V_HIGH_LORA = "wan2.2_i2v_A14b_high_noise_lora_rank64_lightx2v_4step_1022.safetensors"
 I2V_LOW_LORA = "wan2.2_i2v_A14b_low_noise_lora_rank64_lightx2v_4step_1022.safetensors"
 GGUF_DIT, GGUF_UMT5 = "wan2.1-t2v-14b-Q4_K_M.gguf", "umt5-xxl-encoder-Q8_0.gguf"
+I2V_480P_DIT, FLF2V_DIT = "wan2.1_i2v_480p_14B_fp16.safetensors", "wan2.1_flf2v_720p_14B_fp16.safetensors"
+CLIP_VISION_H = "clip_vision_h.safetensors"
 _LIGHTX2V_21 = "https://huggingface.co/lightx2v/Wan2.1-Distill-Loras/resolve/main/"
 _LIGHTX2V_22 = "https://huggingface.co/lightx2v/Wan2.2-Distill-Loras/resolve/main/"
 MODEL_FILES = {  # file -> (the address it is downloaded from, its folder)
@@ -52,6 +55,9 @@ MODEL_FILES = {  # file -> (the address it is downloaded from, its folder)
     I2V_LOW_LORA: (_LIGHTX2V_22, "loras"),
     GGUF_DIT: ("https://huggingface.co/city96/Wan2.1-T2V-14B-gguf/resolve/main/", "diffusion_models"),
     GGUF_UMT5: ("https://huggingface.co/city96/umt5-xxl-encoder-gguf/resolve/main/", "text_encoders"),
+    I2V_480P_DIT: (_WAN21 + "diffusion_models/", "diffusion_models"),
+    FLF2V_DIT: (_WAN21 + "diffusion_models/", "diffusion_models"),
+    CLIP_VISION_H: (_WAN21 + "clip_vision/", "clip_vision"),
 }
 
 # How the editor (litegraph, ComfyUI's frontend) draws a node: a title bar of TITLE_HEIGHT above `pos`, then the
@@ -348,6 +354,62 @@ def wan22_i2v_a14b() -> Graph:
     return g
 
 
+def wan21_i2v_480p() -> Graph:
+    g = Graph("wan21_i2v_14B_480p",
+              "# Image to video: Wan 2.1 I2V 14B 480P\n\nThe image, resized and centre-cropped to 832x480, is the "
+              "first frame of an 81-frame clip at 16 fps. Wan 2.1 I2V reads the image twice: encoded by the VAE "
+              "into the model's extra input channels, and as 257 CLIP ViT-H/14 image tokens (Sora CLIP Vision "
+              "Encode) in every block's cross-attention. The reference settings: 40 UniPC steps, shift 3 (5 for "
+              f"the 720P model at 1280x720), guidance 5. The example image, `{START_FRAME}`, ships in "
+              "workflows/assets/; inside ComfyUI upload your own image to the input folder and type its name.\n\n"
+              "Models (ComfyUI's models/ folders, or `sora run --models-dir DIR` with DIR/<folder>/):\n"
+              f"- diffusion_models/{I2V_480P_DIT}\n- clip_vision/{CLIP_VISION_H}\n- text_encoders/{UMT5}\n"
+              f"- vae/{WAN21_VAE}\n\nSmoke test without the real weights: `sora stand-ins DIR`.")
+    model, encoder, vae = _loaders(g, I2V_480P_DIT, UMT5, WAN21_VAE)
+    clip_vision = g.add("SoraCLIPVisionLoader", clip_name=CLIP_VISION_H)
+    text = g.add("SoraTextEncode", text_encoder=encoder[0], negative_preset="wan i2v", prompt=(
+        "The red ball rolls steadily to the right across the dark floor, casting a soft shadow. Static camera, "
+        "even studio light, minimal clean style."))
+    sigmas = g.add("SoraScheduler", model=model[0], steps=40, shift=3.0)
+    image = g.add("SoraLoadImage", image=START_FRAME)
+    tokens = g.add("SoraCLIPVisionEncode", clip_vision=clip_vision[0], image=image[0], crop="none")
+    i2v = g.add("SoraWanImageToVideo", positive=text[0], negative=text[1], vae=vae[0], start_image=image[0],
+                width=832, height=480, frames=81, clip_vision_start_image=tokens[0])
+    sampled = g.add("SoraSampler", model=model[0], positive=i2v[0], negative=i2v[1], latent=i2v[2],
+                    sigmas=sigmas[0], seed=42, guidance=5.0)
+    _finish(g, vae, sampled[0], 16.0, "sora/wan21_i2v_480p")
+    return g
+
+
+def wan21_flf2v() -> Graph:
+    g = Graph("wan21_flf2v_14B",
+              "# First and last frame to video: Wan 2.1 FLF2V 14B 720P\n\nThe clip starts on the first image and "
+              "ends on the last (both resized and centre-cropped to 1280x720), 81 frames at 16 fps in between. "
+              "Both images reach the model as VAE latents (first and last frame of the conditioning video) and as "
+              "CLIP image tokens: the start image's 257, then the end image's. The reference settings: 50 UniPC "
+              "steps, shift 16, guidance 5. The example images ship in workflows/assets/.\n\n"
+              "Models (ComfyUI's models/ folders, or `sora run --models-dir DIR` with DIR/<folder>/):\n"
+              f"- diffusion_models/{FLF2V_DIT}\n- clip_vision/{CLIP_VISION_H}\n- text_encoders/{UMT5}\n"
+              f"- vae/{WAN21_VAE}\n\nSmoke test without the real weights: `sora stand-ins DIR`.")
+    model, encoder, vae = _loaders(g, FLF2V_DIT, UMT5, WAN21_VAE)
+    clip_vision = g.add("SoraCLIPVisionLoader", clip_name=CLIP_VISION_H)
+    text = g.add("SoraTextEncode", text_encoder=encoder[0], negative_preset="wan flf2v", prompt=(
+        "The red ball rolls steadily to the right across the dark floor and comes to rest, casting a soft "
+        "shadow. Static camera, even studio light, minimal clean style."))
+    sigmas = g.add("SoraScheduler", model=model[0], steps=50, shift=16.0)
+    first = g.add("SoraLoadImage", "Load Image: first frame", image=START_FRAME)
+    last = g.add("SoraLoadImage", "Load Image: last frame", image=END_FRAME)
+    first_tokens = g.add("SoraCLIPVisionEncode", clip_vision=clip_vision[0], image=first[0], crop="none")
+    last_tokens = g.add("SoraCLIPVisionEncode", clip_vision=clip_vision[0], image=last[0], crop="none")
+    flf = g.add("SoraWanImageToVideo", positive=text[0], negative=text[1], vae=vae[0], start_image=first[0],
+                end_image=last[0], width=1280, height=720, frames=81, clip_vision_start_image=first_tokens[0],
+                clip_vision_end_image=last_tokens[0])
+    sampled = g.add("SoraSampler", model=model[0], positive=flf[0], negative=flf[1], latent=flf[2],
+                    sigmas=sigmas[0], seed=42, guidance=5.0)
+    _finish(g, vae, sampled[0], 16.0, "sora/wan21_flf2v")
+    return g
+
+
 def wan21_t2v_distill() -> Graph:
     g = Graph("wan21_t2v_14B_distill_lora",
               "# Text to video in 4 steps: Wan 2.1 T2V 14B with the lightx2v distillation LoRA\n\n832x480, 81 "
@@ -445,7 +507,7 @@ def nano_prompt_expansion() -> Graph:
 
 
 WORKFLOWS = (wan21_t2v, wan21_t2v_distill, wan21_t2v_gguf, wan22_ti2v_t2v, wan22_long_clip, wan22_i2v,
-             wan22_i2v_a14b, wan21_v2v, nano_t2v, nano_prompt_expansion)
+             wan22_i2v_a14b, wan21_i2v_480p, wan21_flf2v, wan21_v2v, nano_t2v, nano_prompt_expansion)
 
 
 def build_all() -> dict[str, tuple[dict, dict]]:
@@ -458,18 +520,24 @@ def build_all() -> dict[str, tuple[dict, dict]]:
     return {g.name: (to_ui(g, specs), to_api(g, specs, display_names)) for g in (make() for make in WORKFLOWS)}
 
 
-def write_assets() -> None:
-    """The example inputs, rendered by the nano data generator: a red ball on a dark floor, and a moving clip."""
+def write_assets(remake: bool = False) -> None:
+    """The example inputs, rendered by the nano data generator: a red ball on a dark floor, the same ball further
+    right (an end frame), and a moving clip. Only missing ones are written unless `remake`."""
     from sora import video_io
     from sora.nano.data import make_clip
 
     ASSETS.mkdir(exist_ok=True)
-    image = make_clip(7, frames=1, height=176, width=320, color="red", shape="circle", background="dark",
-                      size="large").video
-    video_io.write_png(ASSETS / START_FRAME, ((image[:, 0].permute(1, 2, 0) + 1) / 2)[None])
-    clip = make_clip(11, frames=81, height=120, width=208, color="orange", shape="circle", background="dark",
-                     direction="right", speed="slow").video
-    video_io.write_mp4(ASSETS / SOURCE_CLIP, (clip.permute(1, 2, 3, 0) + 1) / 2, 16, crf=23)
+    ball = dict(height=176, width=320, color="red", shape="circle", background="dark", size="large")
+    if remake or not (ASSETS / START_FRAME).exists():
+        image = make_clip(7, frames=1, **ball).video
+        video_io.write_png(ASSETS / START_FRAME, ((image[:, 0].permute(1, 2, 0) + 1) / 2)[None])
+    if remake or not (ASSETS / END_FRAME).exists():
+        image = make_clip(7, frames=33, direction="right", speed="fast", **ball).video
+        video_io.write_png(ASSETS / END_FRAME, ((image[:, -1].permute(1, 2, 0) + 1) / 2)[None])
+    if remake or not (ASSETS / SOURCE_CLIP).exists():
+        clip = make_clip(11, frames=81, height=120, width=208, color="orange", shape="circle", background="dark",
+                         direction="right", speed="slow").video
+        video_io.write_mp4(ASSETS / SOURCE_CLIP, (clip.permute(1, 2, 3, 0) + 1) / 2, 16, crf=23)
 
 
 def dumps(data: dict) -> str:
@@ -480,8 +548,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--assets", action="store_true", help="remake the input assets too")
     args = parser.parse_args()
-    if args.assets or not (ASSETS / START_FRAME).exists() or not (ASSETS / SOURCE_CLIP).exists():
-        write_assets()
+    write_assets(remake=args.assets)
     (HERE / "api").mkdir(exist_ok=True)
     for name, (ui, api) in build_all().items():
         (HERE / f"{name}.json").write_text(dumps(ui), encoding="utf-8")
