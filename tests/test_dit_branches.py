@@ -113,3 +113,40 @@ def test_14b_configs_have_the_released_names_and_shapes():
     assert "vace_blocks.1.before_proj.weight" not in vace and "vace_blocks.8.after_proj.weight" not in vace
     assert detect_config({k: torch.empty(v, device="meta") for k, v in i2v.items()}) == PRESETS["wan21_i2v_14b"]
     assert detect_config({k: torch.empty(v.shape, device="meta") for k, v in vace.items()}) == PRESETS["wan21_vace_14b"]
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "fp8"])
+def test_the_image_branch_loads_quantised(fmt, tmp_path):
+    """city96's I2V GGUFs quantise k_img / v_img and img_emb's Linears like every other Linear; fp8 storage does
+    too. Either way the model reads the tokens (another image, another velocity) and stays close to the original."""
+    import re
+
+    from sora import dit, standins
+
+    shape = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=32, freq_dim=256)
+    cfg = DiTConfig(model_type="i2v", in_dim=36, out_dim=16, image_dim=256, **shape)
+    tensors = {k: v.contiguous() for k, v in standins._gguf_dit(cfg, 1)().items()}
+    if fmt == "gguf":
+        def q8_0(name, t):
+            image = re.search(r"(k_img|v_img)\.weight$|img_emb\.proj\.[13]\.weight$", name)
+            return 8 if image else standins._q8_0(name, t)
+        path = tmp_path / "wan2.1-i2v-14b-Q8_0.gguf"
+        standins._write_gguf("wan", q8_0)(path, tensors)
+        model = dit.load_dit(path)
+        assert model.blocks[0].cross_attn.k_img.weight.dtype == torch.uint8  # still quantised in memory
+    else:
+        from safetensors.torch import save_file
+        path = tmp_path / "wan2.1_i2v_480p_14B_bf16.safetensors"
+        save_file(tensors, str(path))
+        model = dit.load_dit(path, weight_dtype=torch.float8_e4m3fn)
+        assert model.blocks[0].cross_attn.k_img.weight.dtype == torch.float8_e4m3fn
+    from safetensors.torch import save_file
+    save_file(tensors, str(tmp_path / "float.safetensors"))
+    reference = dit.load_dit(tmp_path / "float.safetensors")
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 36, 1, 4, 4, generator=g), torch.randn(1, 5, 32, generator=g)
+    image, other = torch.randn(2, 1, 5, 256, generator=g)
+    t = torch.tensor([500.0])
+    out = model(x, t, context, image=image)
+    assert rel_err(out, reference(x, t, context, image=image)) < 0.05
+    assert rel_err(model(x, t, context, image=other), out) > 1e-4
