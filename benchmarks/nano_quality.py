@@ -1,6 +1,6 @@
 """Does the embedded nano model follow its prompt, and does an extension carry the motion on?
 
-    python benchmarks/nano_quality.py [--threads 1] [--out DIR] [--dit FILE]
+    python benchmarks/nano_quality.py [--threads 1] [--out DIR] [--dit FILE] [--only paraphrase|calibrate]
 
 Text-to-video: every colour with every direction (32 prompt/seed pairs, captions worded by the data generator with
 the shapes, sizes, speeds and backgrounds it draws), at the nano defaults (64x64, 33 frames, 20 UniPC steps,
@@ -10,22 +10,36 @@ its last 2 latent frames, joined into 33 frames; a run counts when the judge see
 of the join and no jump across it. Image-to-video: 8 first frames with the object in the middle, each asked to move
 in all four directions with one seed (so only the words differ). `--out` also writes every clip as an mp4.
 
-Prints one verdict per run, the image-to-video direction accuracy, the time of each stage of one default
-generation, and last the line
+Paraphrases through the main job: each held-out prompt of tests/data/nano_paraphrases.json (users' own words:
+part "unseen", words outside the mapper's tables, and part "everyday", words the tables know) is recaptioned by
+`sora.nano.recaption.recaption_nano` with the run's seed, generated at the nano defaults and judged; the same
+prompts encoded as typed (cut to the DiT's 32 text tokens) are the comparison. `--only paraphrase` runs this alone
+(a few minutes on 2 cores); `--only calibrate` prints the similarity threshold sweep on the development set
+tests/data/nano_dev_paraphrases.json (text level, no generation), where `recaption.THRESHOLDS` come from.
+
+Prints one verdict per run, the image-to-video direction accuracy, the paraphrase lines
+`paraphrase[PART]: ...`, `paraphrase verbatim: ...` and `paraphrase: color_acc=C motion_acc=M n=N`, the time of
+each stage of one default generation, and last the line
 `nano: color_acc=C motion_acc=M extend_continuity=X`.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from sora.nano import data, judge
+from sora.nano import data, judge, recaption
 from sora.nano import vocabulary as vocab
 from sora.nano.pipeline import NanoPipeline
+
+TESTS = Path(__file__).resolve().parent.parent / "tests" / "data"
+HELD_OUT = TESTS / "nano_paraphrases.json"
+DEVELOPMENT = TESTS / "nano_dev_paraphrases.json"
+PARAPHRASE_SEED = 300  # prompt i samples (and recaptions) with seed PARAPHRASE_SEED + i
 
 EXTEND_BASE_FRAMES = 17  # 5 latent frames
 EXTEND_OVERLAP = 2  # latent frames the extension is conditioned on
@@ -41,6 +55,72 @@ def cases() -> list[tuple[str, str, str, int]]:
     return out
 
 
+def _fit(pipe: NanoPipeline, prompt: str) -> str:
+    """The prompt as typed, cut to the tokens the DiT reads (its text_len, [CLS] and [SEP] included)."""
+    tokenizer, limit = pipe.encoder.tokenizer, pipe.dit.config.text_len
+    ids = tokenizer(prompt)["input_ids"]
+    return prompt if len(ids) <= limit else tokenizer.decode(ids[1:limit - 1])
+
+
+def paraphrases(pipe: NanoPipeline, out: Path | None) -> None:
+    """The held-out paraphrases through the main job (recaptioned) and as typed; prints the paraphrase lines."""
+    items = json.loads(HELD_OUT.read_text())["prompts"]
+    scores: dict[str, list[int]] = {}  # run -> [colour hits, direction hits, n]
+    print(f"paraphrases through the main job (recaption, then 64x64, 33 frames), {HELD_OUT.name}:")
+    for i, item in enumerate(items):
+        seed = PARAPHRASE_SEED + i
+        result = recaption.recaption_nano(item["prompt"], seed=seed, encoder=pipe.encoder)
+        for run, prompt in (("recaption", result.caption), ("verbatim", _fit(pipe, item["prompt"]))):
+            video = pipe.decode(pipe.text_to_latent([prompt], seed))[0]
+            verdict = judge.judge_video(video)
+            color_ok, motion_ok = verdict.color == item["color"], verdict.direction == item["direction"]
+            for key in (run, f"{run}[{item['part']}]"):
+                hits = scores.setdefault(key, [0, 0, 0])
+                hits[0], hits[1], hits[2] = hits[0] + color_ok, hits[1] + motion_ok, hits[2] + 1
+            if run == "recaption":
+                print(f"  {i:2d} seed {seed} [{item['part']}] {item['prompt'][:70]!r} -> {prompt!r}: colour "
+                      f"{verdict.color} {'ok' if color_ok else 'MISS'} ({item['color']}), direction "
+                      f"{verdict.direction} {'ok' if motion_ok else 'MISS'} ({item['direction']})")
+                for note in result.notes:
+                    print(f"       {note}")
+            else:
+                print(f"       as typed: colour {verdict.color} {'ok' if color_ok else 'MISS'}, direction "
+                      f"{verdict.direction} {'ok' if motion_ok else 'MISS'}")
+            write(out, f"paraphrase_{i:02d}_{run}", video)
+
+    def line(key: str) -> str:
+        color, motion, n = scores[key]
+        return f"color_acc={color / n:.2f} motion_acc={motion / n:.2f} n={n}"
+
+    for part in sorted({item["part"] for item in items}):
+        print(f"paraphrase[{part}]: {line(f'recaption[{part}]')} (as typed: {line(f'verbatim[{part}]')})")
+    print(f"paraphrase verbatim: {line('verbatim')}")
+    print(f"paraphrase: {line('recaption')}")
+
+
+def calibrate() -> None:
+    """The similarity threshold sweep on the development set, at text level: for each concept and threshold, the
+    prompts whose concept was guessed right, and the false guesses where the prompt names none."""
+    items = json.loads(DEVELOPMENT.read_text())["prompts"]
+    encoder = recaption.default_encoder()
+    sweeps = {"direction": [0.4, 0.45, 0.5, 0.55, 0.6, 0.7], "color slot": [0.3, 0.35, 0.4, 0.45, 0.5],
+              "color": [0.45, 0.5, 0.55, 0.6, 0.7]}
+    print(f"threshold sweep on {DEVELOPMENT.name} ({len(items)} prompts; in use: {recaption.THRESHOLDS}):")
+    for key, values in sweeps.items():
+        concept = "color" if key.startswith("color") else key
+        named = sum(item[concept] is not None for item in items)
+        for value in values:
+            right = false = 0
+            for item in items:
+                found = recaption.recaption_nano(item["prompt"], encoder=encoder, thresholds={key: value})
+                finding = found.findings[concept]
+                if item[concept] is None:
+                    false += finding.how == "guessed"
+                else:
+                    right += finding.value == item[concept] and finding.how != "seed"
+            print(f"  {key:<10} {value:.2f}: right {right}/{named}, false guesses {false}/{len(items) - named}")
+
+
 def write(out: Path | None, name: str, video: torch.Tensor) -> None:
     if out is not None:
         from sora.video_io import write_mp4
@@ -53,15 +133,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="also write every clip as an mp4 here")
     parser.add_argument("--dit", type=Path, default=None, help="score this nano DiT file instead of the shipped one")
+    parser.add_argument("--only", choices=["paraphrase", "calibrate"], default=None,
+                        help="run only the held-out paraphrases, or only the threshold sweep on the development set")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
+    if args.only == "calibrate":
+        calibrate()
+        return
 
     started = time.perf_counter()
     pipe = NanoPipeline.load(args.dit)
     load_s = time.perf_counter() - started
+    if args.only == "paraphrase":
+        paraphrases(pipe, args.out)
+        return
     timings: dict[str, list[float]] = {"encode prompt": [], "sample (20 steps, CFG)": [], "VAE decode": []}
 
     print("text-to-video (64x64, 33 frames):")
@@ -113,6 +201,7 @@ def main() -> None:
                   f"{'ok' if verdict.direction == direction else 'MISS'}")
             write(args.out, f"i2v_{i:02d}_{direction}", video)
     print(f"image-to-video: motion_acc={i2v_hits / i2v_runs:.2f}")
+    paraphrases(pipe, args.out)
 
     print("\none default generation on this machine (median over the text-to-video runs), seconds:")
     print(f"  {'stage':<26} {'seconds':>8}")
