@@ -10,9 +10,8 @@ import logging
 log = logging.getLogger(__name__)
 
 # Each module exports NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS.
-NODE_MODULES: tuple[str, ...] = ("loaders", "lora", "clip_vision", "text_encode", "prompt_expansion",
-                                 "sampling",
-                                 "frame_conditioning", "vae_codec", "media", "memory_options")
+NODE_MODULES: tuple[str, ...] = ("loaders", "lora", "clip_vision", "text_encode", "prompt_expansion", "sampling",
+                                 "frame_conditioning", "vace", "vae_codec", "media", "memory_options")
 
 CATEGORY = "sora"  # root of our category tree in the node menu
 

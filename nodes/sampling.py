@@ -186,6 +186,7 @@ class SoraSampler:
                                                                              ("negative", negative))}
         image = self._image_channels(model, positive, samples)
         tokens = self._image_tokens(model, positive, samples)
+        vace = self._vace(model, positive, samples)
         if model_low_noise is not None:
             self._check_experts(model, model_low_noise)
         with about(node, "sigmas"):
@@ -196,10 +197,11 @@ class SoraSampler:
                 model, samples, sigmas, prompts["positive"], prompts["negative"], guidance=guidance, sampler=solver,
                 seed=seed, noise_mask=latent.get("noise_mask"), low_noise_model=model_low_noise,
                 boundary_t=boundary * 1000.0, low_noise_guidance=guidance_low_noise or None, denoise=denoise,
-                add_noise=add_noise, extra_channels=image, image_tokens=tokens,
+                add_noise=add_noise, extra_channels=image, image_tokens=tokens, vace=vace,
                 callback=_progress_callback(bar, model.latent_format),
                 interrupt=sora.runtime.check_interrupt, device=sora.memory.get_manager().compute_device)
-        return ({**latent, "samples": run.latent}, {**latent, "samples": run.denoised})
+        outputs = ({**latent, "samples": run.latent}, {**latent, "samples": run.denoised})
+        return tuple(sora.vace.drop_reference_frames(out) for out in outputs)  # VACE references are not video
 
     def _prompts(self, model, name: str, cond):
         """The prompts of one CONDITIONING input (one per entry), checked against the model's text width."""
@@ -274,6 +276,28 @@ class SoraSampler:
                                   "shared) or one per video")
             tokens = tokens[:batch]  # as core: the first `batch` of them
         return tokens
+
+    def _vace(self, model, positive, samples):
+        """The VACE contexts [1 | B, 96, T, h, w] with their strengths of a Wan VACE model, from the VACE inputs
+        `positive` carries (Sora VACE Encode or core's WanVaceToVideo); without any, ComfyUI's default input.
+        Other models refuse VACE inputs."""
+        node, fmt = type(self), model.latent_format
+        with about(node, "positive"):
+            inputs = sora.vace.from_conditioning(positive)
+        if not getattr(model.config, "vace_layers", ()):
+            if inputs:
+                raise input_error(node, "positive", Described("CONDITIONING with a VACE input"),
+                                  f"but {model.name} has no VACE branch; load a Wan VACE model (e.g. "
+                                  "wan2.1_vace_1.3B_fp16.safetensors) or connect the text encode's outputs")
+            return ()
+        inputs = inputs or [sora.vace.default_input(samples.shape)]
+        for n, entry in enumerate(inputs):
+            if entry.frames.shape[2:] != samples.shape[2:] or entry.frames.shape[0] not in (1, samples.shape[0]):
+                raise input_error(node, "latent", Described(f"LATENT {list(samples.shape)}"),
+                                  f"does not match VACE input {n + 1} in 'positive' (its latents are "
+                                  f"{list(entry.frames.shape)}); connect the latent output of the same VACE "
+                                  "encode node")
+        return [(sora.vace.context(entry, fmt), entry.strength) for entry in inputs]
 
     def _check_experts(self, high, low):
         if high.expert == sora.handle.LOW_NOISE or low.expert == sora.handle.HIGH_NOISE:

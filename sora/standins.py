@@ -25,6 +25,8 @@
     DIR/diffusion_models/wan2.1_flf2v_720p_14B_fp16.safetensors  Wan 2.1 FLF2V-14B: as I2V plus the learned
                                                              positions of two images (img_emb.emb_pos)
     DIR/clip_vision/clip_vision_h.safetensors                ComfyUI's CLIP vision layout (transformers names)
+    DIR/diffusion_models/wan2.1_vace_1.3B_fp16.safetensors   Wan 2.1 VACE: the T2V DiT plus the VACE patch
+                                                             embedding and hint blocks (vace_blocks.N), fp16
 
 The tensors follow the real key layouts and are detected by the loaders exactly like the real files (the DiTs have
 128-channel heads, the umT5 width equals the DiTs' text_dim, the VAEs have the real latent channels and
@@ -65,6 +67,8 @@ WAN21_I2V_DIT_STANDIN = DiTConfig(model_type="i2v", in_dim=36, out_dim=16, image
                                   **_DIT_SHAPE)
 WAN21_FLF2V_DIT_STANDIN = DiTConfig(model_type="flf2v", in_dim=36, out_dim=16, image_dim=CLIP_VISION_TINY.hidden_size,
                                     image_positions=2 * CLIP_VISION_TINY.num_tokens, **_DIT_SHAPE)
+# Wan 2.1 VACE: a VACE hint block beside each of the two main blocks (1.3B: 15 beside 30, every second one)
+WAN21_VACE_DIT_STANDIN = DiTConfig(model_type="t2v", in_dim=16, out_dim=16, vace_layers=(0, 1), **_DIT_SHAPE)
 WAN21_VAE_STANDIN = VAEConfig(base_dim=8, decoder_base_dim=8, z_dim=16, num_res_blocks=1)
 WAN22_VAE_STANDIN = VAEConfig(base_dim=8, decoder_base_dim=8, z_dim=48, num_res_blocks=1, patch_size=2,
                               residual_shortcuts=True)
@@ -318,6 +322,7 @@ STANDINS: tuple[StandIn, ...] = (
     StandIn("diffusion_models", "wan2.1_flf2v_720p_14B_fp16.safetensors",
             _dit(WAN21_FLF2V_DIT_STANDIN, torch.float16, 15)),
     StandIn("clip_vision", "clip_vision_h.safetensors", _clip_vision(16)),
+    StandIn("diffusion_models", "wan2.1_vace_1.3B_fp16.safetensors", _dit(WAN21_VACE_DIT_STANDIN, torch.float16, 17)),
 )
 
 

@@ -458,3 +458,46 @@ def test_core_clip_vision_nodes_and_ours_interoperate(server, full_size_image_mo
         assert entry["status"]["status_str"] == "success", (dit, json.dumps(entry["status"]["messages"])[-3000:])
         latent = saved_latent(server, entry, "17", tmp_path)
         assert latent.shape == (1, 16, 3, 4, 8) and torch.isfinite(latent).all()
+
+
+def test_core_vace_conditioning_drives_sora_sampler(server, full_size_image_models, tmp_path):
+    """Core's WanVaceToVideo (control video, reference image, strength) feeds our sampler on a VACE model; core's
+    TrimVideoLatent drops the reference frame, as core's workflows do."""
+    import torch
+
+    def prompt_with(strength):
+        return {
+            "1": {"class_type": "SoraModelLoader", "inputs": {"model_name": "wan2.1_vace_1.3B_fp16.safetensors",
+                                                             "weight_dtype": "default", "compute_dtype": "auto",
+                                                             "attention": "sdpa",
+                                                             "expert": "auto (from the file name)"}},
+            "2": {"class_type": "SoraTextEncoderLoader", "inputs": {
+                "text_encoder_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "weight_dtype": "default",
+                "compute_dtype": "auto"}},
+            "3": {"class_type": "SoraScheduler", "inputs": {"model": ["1", 0], "steps": 2, "shift": 0.0,
+                                                           "schedule": "wan_unipc", "denoise": 1.0}},
+            "4": {"class_type": "SoraTextEncode", "inputs": {"text_encoder": ["2", 0], "prompt": "a red ball",
+                                                            "negative_preset": "wan default", "negative_prompt": ""}},
+            "5": {"class_type": "VAELoader", "inputs": {"vae_name": full_size_image_models["vae"]}},
+            "6": {"class_type": "SoraLoadVideo", "inputs": {"video": "sora_source_clip.mp4", "max_frames": 9,
+                                                           "skip_frames": 0, "width": 64, "height": 32}},
+            "7": {"class_type": "SoraLoadImage", "inputs": {"image": "sora_start_frame.png", "width": 0,
+                                                           "height": 0}},
+            "8": {"class_type": "WanVaceToVideo", "inputs": {
+                "positive": ["4", 0], "negative": ["4", 1], "vae": ["5", 0], "width": 64, "height": 32, "length": 9,
+                "batch_size": 1, "strength": strength, "control_video": ["6", 0], "reference_image": ["7", 0]}},
+            "9": {"class_type": "SoraSampler", "inputs": {"model": ["1", 0], "positive": ["8", 0],
+                                                         "negative": ["8", 1], "latent": ["8", 2],
+                                                         "sigmas": ["3", 0], "seed": 3, "guidance": 5.0,
+                                                         "sampler_name": "unipc", "denoise": 1.0}},
+            "10": {"class_type": "TrimVideoLatent", "inputs": {"samples": ["9", 0], "trim_amount": ["8", 3]}},
+            "11": {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": "latents/vace"}},
+        }
+
+    latents = []
+    for strength in (1.0, 0.0):
+        entry = server.run(prompt_with(strength))
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[-3000:]
+        latents.append(saved_latent(server, entry, "11", tmp_path))
+    assert latents[0].shape == (1, 16, 3, 4, 8) and torch.isfinite(latents[0]).all()  # the reference trimmed
+    assert not torch.allclose(latents[0], latents[1], atol=1e-4)  # core's strength reaches the model

@@ -25,6 +25,7 @@ NAMES = {
     "diffusion_models/wan2.1_i2v_480p_14B_fp16.safetensors",
     "diffusion_models/wan2.1_flf2v_720p_14B_fp16.safetensors",
     "clip_vision/clip_vision_h.safetensors",
+    "diffusion_models/wan2.1_vace_1.3B_fp16.safetensors",
 }
 
 

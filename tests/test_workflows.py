@@ -26,7 +26,8 @@ CLASSES = load_node_mappings()[0]
 SHRINK = {"SoraEmptyLatentVideo": {"width": 64, "height": 32, "frames": 9}, "SoraScheduler": {"steps": 2},
           "SoraLoadImage": {"width": 64, "height": 32}, "SoraLoadVideo": {"width": 64, "height": 32, "max_frames": 9},
           "SoraImageToVideo": {"frames": 9}, "SoraExtendForward": {"overlap_frames": 4, "new_frames": 8},
-          "SoraJoinClips": {"overlap_frames": 4}, "SoraWanImageToVideo": {"width": 64, "height": 32, "frames": 9}}
+          "SoraJoinClips": {"overlap_frames": 4}, "SoraWanImageToVideo": {"width": 64, "height": 32, "frames": 9},
+          "SoraVaceEncode": {"width": 64, "height": 32, "frames": 9}}
 # workflow -> (video frames, width, height, fps) of its mp4; nano workflows run as shipped
 EXPECTED = {
     "wan21_t2v_1.3B": (9, 64, 32, 16), "wan22_ti2v_5B_t2v": (9, 64, 32, 24),
@@ -35,6 +36,8 @@ EXPECTED = {
     "nano_t2v": (33, 64, 64, 16), "nano_prompt_expansion": (33, 64, 64, 16),
     "wan21_t2v_14B_distill_lora": (9, 64, 32, 16), "wan21_t2v_14B_gguf": (9, 64, 32, 16),
     "wan21_i2v_14B_480p": (9, 64, 32, 16), "wan21_flf2v_14B": (9, 64, 32, 16),
+    "wan21_vace_control_1.3B": (9, 64, 32, 16), "wan21_vace_reference_1.3B": (9, 64, 32, 16),
+    "wan21_vace_long_clip_1.3B": (9 + 8, 64, 32, 16),  # the clip, then an extension of 8 new frames
 }
 FILE_INPUTS = {"model_name": "diffusion_models", "text_encoder_name": "text_encoders", "vae_name": "vae",
                "lora_name": "loras", "clip_name": "clip_vision"}  # loader input -> the model folder it reads

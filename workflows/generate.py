@@ -41,6 +41,7 @@ I2V_LOW_LORA = "wan2.2_i2v_A14b_low_noise_lora_rank64_lightx2v_4step_1022.safete
 GGUF_DIT, GGUF_UMT5 = "wan2.1-t2v-14b-Q4_K_M.gguf", "umt5-xxl-encoder-Q8_0.gguf"
 I2V_480P_DIT, FLF2V_DIT = "wan2.1_i2v_480p_14B_fp16.safetensors", "wan2.1_flf2v_720p_14B_fp16.safetensors"
 CLIP_VISION_H = "clip_vision_h.safetensors"
+VACE_DIT = "wan2.1_vace_1.3B_fp16.safetensors"
 _LIGHTX2V_21 = "https://huggingface.co/lightx2v/Wan2.1-Distill-Loras/resolve/main/"
 _LIGHTX2V_22 = "https://huggingface.co/lightx2v/Wan2.2-Distill-Loras/resolve/main/"
 MODEL_FILES = {  # file -> (the address it is downloaded from, its folder)
@@ -58,6 +59,7 @@ MODEL_FILES = {  # file -> (the address it is downloaded from, its folder)
     I2V_480P_DIT: (_WAN21 + "diffusion_models/", "diffusion_models"),
     FLF2V_DIT: (_WAN21 + "diffusion_models/", "diffusion_models"),
     CLIP_VISION_H: (_WAN21 + "clip_vision/", "clip_vision"),
+    VACE_DIT: (_WAN21 + "diffusion_models/", "diffusion_models"),
 }
 
 # How the editor (litegraph, ComfyUI's frontend) draws a node: a title bar of TITLE_HEIGHT above `pos`, then the
@@ -410,6 +412,77 @@ def wan21_flf2v() -> Graph:
     return g
 
 
+VACE_MODELS = WAN_MODELS.format(dit=VACE_DIT, vae=WAN21_VAE)
+
+
+def wan21_vace_control() -> Graph:
+    g = Graph("wan21_vace_control_1.3B",
+              "# Control video to video: Wan 2.1 VACE 1.3B\n\nThe source clip (resized to 832x480, its first 81 "
+              "frames) is the control video: the new clip follows its layout and motion and takes its look from "
+              "the prompt. A pose, depth or edge video (from a preprocessor node) works the same way; a mask "
+              "(control_masks) limits where the model may change the video. The reference settings: 50 UniPC "
+              f"steps, shift 16, guidance 5. The example video, `{SOURCE_CLIP}`, ships in workflows/assets/.\n\n"
+              + VACE_MODELS)
+    model, encoder, vae = _loaders(g, VACE_DIT, UMT5, WAN21_VAE)
+    text = g.add("SoraTextEncode", text_encoder=encoder[0], prompt=(
+        "A glowing orange paper lantern drifts across a night sky full of stars, painted in thick oil brush "
+        "strokes. Static camera. Warm candle light against deep blue. Expressive impressionist painting."))
+    sigmas = g.add("SoraScheduler", model=model[0], steps=50)
+    video = g.add("SoraLoadVideo", video=SOURCE_CLIP, max_frames=81, width=832, height=480)
+    control = g.add("SoraVaceEncode", positive=text[0], negative=text[1], vae=vae[0], width=832, height=480,
+                    frames=81, control_video=video[0])
+    sampled = g.add("SoraSampler", model=model[0], positive=control[0], negative=control[1], latent=control[2],
+                    sigmas=sigmas[0], seed=42, guidance=5.0)
+    _finish(g, vae, sampled[0], 16.0, "sora/wan21_vace_control")
+    return g
+
+
+def wan21_vace_reference() -> Graph:
+    g = Graph("wan21_vace_reference_1.3B",
+              "# Reference image to video: Wan 2.1 VACE 1.3B\n\nThe subject of the reference image is kept in a "
+              "new 832x480, 81-frame clip that the prompt describes. The reference becomes an extra latent frame "
+              "in front of the video, which Sora Sampler drops from its output. The reference settings: 50 UniPC "
+              f"steps, shift 16, guidance 5. The example image, `{START_FRAME}`, ships in workflows/assets/.\n\n"
+              + VACE_MODELS)
+    model, encoder, vae = _loaders(g, VACE_DIT, UMT5, WAN21_VAE)
+    text = g.add("SoraTextEncode", text_encoder=encoder[0], prompt=(
+        "The red ball bounces across a sunny wooden table in a kitchen, casting a soft shadow. Handheld camera "
+        "following it. Warm morning light. Realistic, fine detail."))
+    sigmas = g.add("SoraScheduler", model=model[0], steps=50)
+    image = g.add("SoraLoadImage", image=START_FRAME)
+    reference = g.add("SoraVaceEncode", positive=text[0], negative=text[1], vae=vae[0], width=832, height=480,
+                      frames=81, reference_image=image[0])
+    sampled = g.add("SoraSampler", model=model[0], positive=reference[0], negative=reference[1],
+                    latent=reference[2], sigmas=sigmas[0], seed=42, guidance=5.0)
+    _finish(g, vae, sampled[0], 16.0, "sora/wan21_vace_reference")
+    return g
+
+
+def wan21_vace_long_clip() -> Graph:
+    g = Graph("wan21_vace_long_clip_1.3B",
+              "# A long clip extended with VACE: Wan 2.1 VACE 1.3B\n\nAn 81-frame clip, then 64 new frames that "
+              "continue from its last 16: Sora Extend Forward keeps them, Sora VACE Encode turns the kept frames "
+              "into the VACE input (the model sees them as frames to keep, the rest to generate), and Sora Join "
+              "Clips keeps the overlap once: 81 + 64 = 145 frames (9 s at 16 fps), 832x480.\n\n" + VACE_MODELS)
+    model, encoder, vae = _loaders(g, VACE_DIT, UMT5, WAN21_VAE)
+    text = g.add("SoraTextEncode", text_encoder=encoder[0], prompt=(
+        "A red fox trots through deep fresh snow in a quiet birch forest, lifting its paws high. Medium shot at "
+        "eye level, the camera tracking sideways with it. Soft golden morning light, long blue shadows, fine "
+        "snow in the air. Naturalistic wildlife documentary style."))
+    sigmas = g.add("SoraScheduler", model=model[0], steps=50)
+    latent = g.add("SoraEmptyLatentVideo", model=model[0], width=832, height=480, frames=81)
+    sample = dict(model=model[0], sigmas=sigmas[0], guidance=5.0)
+    first = g.add("SoraSampler", "Sampler: first clip", positive=text[0], negative=text[1], latent=latent[0],
+                  seed=42, **sample)
+    extend = g.add("SoraExtendForward", clip=first[0], overlap_frames=16, new_frames=64)
+    condition = g.add("SoraVaceEncode", positive=text[0], negative=text[1], vae=vae[0], condition=extend[0])
+    second = g.add("SoraSampler", "Sampler: extension", positive=condition[0], negative=condition[1],
+                   latent=condition[2], seed=43, **sample)
+    joined = g.add("SoraJoinClips", part_1=first[0], part_2=second[0], overlap_frames=16)
+    _finish(g, vae, joined[0], 16.0, "sora/wan21_vace_long_clip")
+    return g
+
+
 def wan21_t2v_distill() -> Graph:
     g = Graph("wan21_t2v_14B_distill_lora",
               "# Text to video in 4 steps: Wan 2.1 T2V 14B with the lightx2v distillation LoRA\n\n832x480, 81 "
@@ -507,7 +580,8 @@ def nano_prompt_expansion() -> Graph:
 
 
 WORKFLOWS = (wan21_t2v, wan21_t2v_distill, wan21_t2v_gguf, wan22_ti2v_t2v, wan22_long_clip, wan22_i2v,
-             wan22_i2v_a14b, wan21_i2v_480p, wan21_flf2v, wan21_v2v, nano_t2v, nano_prompt_expansion)
+             wan22_i2v_a14b, wan21_i2v_480p, wan21_flf2v, wan21_vace_control, wan21_vace_reference,
+             wan21_vace_long_clip, wan21_v2v, nano_t2v, nano_prompt_expansion)
 
 
 def build_all() -> dict[str, tuple[dict, dict]]:
