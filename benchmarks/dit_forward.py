@@ -1,6 +1,6 @@
 """Forward speed and memory of our Wan DiT against diffusers' `WanTransformer3DModel` on the same weights and inputs.
 
-    python benchmarks/dit_forward.py [--repeats 7] [--threads N] [--device cpu|cuda]
+    python benchmarks/dit_forward.py [--repeats 7] [--threads N] [--device cpu|cuda] [--dtype float32|bf16]
 
 Float32 on the CPU (CUDA when present, unless --device says otherwise). Both models share one set of random
 weights: diffusers' state dict is renamed with our conversion table and assigned into ours. For every config the
@@ -13,6 +13,16 @@ forward's own peak shows).
 
 The last line reads `dit_forward: max_ratio=R max_rel_err=E` (R: the largest ratio ours / diffusers over the
 configs; E: the largest max |ours - diffusers| / max |diffusers|).
+
+`--dtype bf16`: bf16 weights and compute on both sides (see `build`), plus a 3,510-token config, 256 to 3,510
+tokens in all. The weights are rounded to bf16 first, so a float32 run of diffusers on the same values is the exact
+reference: "err ours" and "err diffusers" are max |out - float32| / max |float32|, and E is the largest "err ours".
+Tolerance 4·eps·sqrt(layers), eps = 2^-8 (2.2e-2 for 2 layers): a bf16 value carries a relative rounding of
+u = eps/2; a block rounds about 16 activations in series (norm outputs, q/k/v, RoPE, attention weights and output,
+FFN input, hidden and GELU, the projections), with independent signs 4u = 2·eps; blocks add independently
+(sqrt(layers)); twice that covers the amplification of logit errors by softmax and of GELU. Max over max is about
+std over std here (both maxima sit near 4.5 standard deviations over the 10^5+ outputs). Diffusers' own bf16
+error, printed next to ours, falls inside it as well.
 """
 from __future__ import annotations
 
@@ -22,6 +32,7 @@ import math
 import os
 import re
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +63,19 @@ CASES = [
     Case("1.3B-shaped 2L", WAN21_1_3B_2L, (16, 5, 32, 52)),
     Case("ti2v 48ch per-token d768 2L", TI2V_NARROW, (48, 8, 32, 32), per_token=True),
 ]
+# bf16 also runs 3,510 tokens: 33 frames of 240x416 (latent 9 x 30 x 52, patch grid 9 x 15 x 26)
+CASES_BF16 = [*CASES, Case("1.3B-shaped 2L", WAN21_1_3B_2L, (16, 9, 30, 52))]
+DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build(config: DiTConfig, device: torch.device) -> tuple[WanDiT, WanTransformer3DModel]:
+def build(config: DiTConfig, device: torch.device, dtype: torch.dtype = torch.float32):
+    """(ours, diffusers, float32 diffusers or None): models on one set of random weights, in `dtype`.
+
+    Below float32 the weights are first rounded to `dtype`, so that the float32 reference holds exactly the
+    weights of the half-precision models; ours gets every tensor in `dtype`, as `load_dit` stores a bf16 file, and
+    computes in it (`set_compute`); diffusers is saved and reloaded with `from_pretrained(torch_dtype=dtype)`, as
+    users load it (its `_keep_in_fp32_modules` stay float32).
+    """
     ref = WanTransformer3DModel(
         num_attention_heads=config.num_heads, attention_head_dim=config.head_dim, in_channels=config.in_dim,
         out_channels=config.out_dim, text_dim=config.text_dim, freq_dim=config.freq_dim, ffn_dim=config.ffn_dim,
@@ -64,11 +85,18 @@ def build(config: DiTConfig, device: torch.device) -> tuple[WanDiT, WanTransform
         for p in ref.parameters():  # weights of a sensible scale so that outputs are not degenerate
             fan_in = p[0].numel() if p.ndim >= 2 else 1
             p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in) * (0.5 if p.ndim == 3 else 1.0))
+            p.copy_(p.to(dtype))
     ref = ref.to(device).eval().requires_grad_(False)
     with torch.device("meta"):
         ours = WanDiT(config)
-    load_into(ours, convert_diffusers(ref.state_dict()), what="Wan DiT")
-    return ours.eval(), ref
+    load_into(ours, {k: v.to(dtype) for k, v in convert_diffusers(ref.state_dict()).items()}, what="Wan DiT")
+    ours.set_compute(dtype=dtype)
+    if dtype == torch.float32:
+        return ours.eval(), ref, None
+    with tempfile.TemporaryDirectory() as folder:
+        ref.save_pretrained(folder)
+        half = WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype)
+    return ours.eval(), half.to(device).eval().requires_grad_(False), ref
 
 
 def inputs(case: Case, device: torch.device):
@@ -83,6 +111,31 @@ def inputs(case: Case, device: torch.device):
         t = torch.tensor([875.0])
     context = torch.randn(1, 100, case.config.text_dim, generator=gen)  # a 100-token prompt
     return x.to(device), t.to(device), context.to(device)
+
+
+def forwards(case: Case, device: torch.device, dtype: torch.dtype):
+    """(run ours, run diffusers, run the float32 reference or None), each returning a float32 velocity."""
+    ours, ref, reference = build(case.config, device, dtype)
+    ours.to(device)
+    x, t, context = inputs(case, device)
+    padded = F.pad(context, (0, 0, 0, case.config.text_len - context.shape[1]))  # diffusers' pipeline pads
+    x_ref, padded_ref = x.to(dtype), padded.to(dtype)  # diffusers' pipeline casts to the transformer's dtype
+
+    def run_ours():
+        return ours(x, t, context)
+
+    def run_ref():
+        return ref(x_ref, t, padded_ref, return_dict=False)[0].float()
+
+    def run_reference():
+        return reference(x, t, padded, return_dict=False)[0]
+
+    return run_ours, run_ref, None if reference is None else run_reference
+
+
+def bf16_tolerance(layers: int) -> float:
+    """Largest max-relative error of a bf16 forward against float32 that counts as rounding (module docstring)."""
+    return 4 * 2**-8 * math.sqrt(layers)
 
 
 def sync(device: torch.device) -> None:
@@ -120,18 +173,8 @@ def _status_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())[1])
 
 
-def run_case(case: Case, device: torch.device, repeats: int) -> dict:
-    ours, ref = build(case.config, device)
-    ours.to(device)
-    x, t, context = inputs(case, device)
-    padded = F.pad(context, (0, 0, 0, case.config.text_len - context.shape[1]))  # diffusers' pipeline pads
-
-    def run_ours():
-        return ours(x, t, context)
-
-    def run_ref():
-        return ref(x, t, padded, return_dict=False)[0]
-
+def run_case(case: Case, device: torch.device, repeats: int, dtype: torch.dtype) -> dict:
+    run_ours, run_ref, run_reference = forwards(case, device, dtype)
     times = {"ours": [], "diffusers": []}
     with torch.no_grad():
         out, expected = run_ours(), run_ref()  # warm-up
@@ -143,23 +186,23 @@ def run_case(case: Case, device: torch.device, repeats: int) -> dict:
                 fn()
                 sync(device)
                 times[name].append(time.perf_counter() - start)
-    rel_err = ((out - expected).abs().max() / expected.abs().max()).item()
+        exact = expected if run_reference is None else run_reference()
     tokens = math.prod(s // p for s, p in zip(case.latent[1:], case.config.patch_size))
     return {"tokens": tokens, "ours": statistics.median(times["ours"]) * 1e3,
-            "diffusers": statistics.median(times["diffusers"]) * 1e3, "rel_err": rel_err,
+            "diffusers": statistics.median(times["diffusers"]) * 1e3, "rel_err": _rel_err(out, exact),
+            "rel_err_diffusers": _rel_err(expected, exact),
             "ratio": statistics.median(a / b for a, b in zip(times["ours"], times["diffusers"]))}
 
 
-def measure_memory(case: Case, device: torch.device, meter: PeakMemory) -> tuple[float, float]:
-    ours, ref = build(case.config, device)
-    ours.to(device)
-    x, t, context = inputs(case, device)
-    padded = F.pad(context, (0, 0, 0, case.config.text_len - context.shape[1]))
+def _rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((out - expected).abs().max() / expected.abs().max()).item()
+
+
+def measure_memory(case: Case, device: torch.device, meter: PeakMemory, dtype: torch.dtype) -> tuple[float, float]:
+    run_ours, run_ref, _ = forwards(case, device, dtype)
     with torch.no_grad():
-        ours(x, t, context), ref(x, t, padded)  # warm-up: one-time buffers (kernels, RoPE tables) are not peaks
-        mine = meter.measure(lambda: ours(x, t, context))
-        theirs = meter.measure(lambda: ref(x, t, padded, return_dict=False))
-    return mine, theirs
+        run_ours(), run_ref()  # warm-up: one-time buffers (kernels, RoPE tables) are not peaks
+        return meter.measure(run_ours), meter.measure(run_ref)
 
 
 def main() -> None:
@@ -167,26 +210,35 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per model and config (median)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and compute of both models")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    print(f"device {device}, float32, {torch.get_num_threads()} CPU threads, medians of {args.repeats} runs, "
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    cases = CASES if dtype == torch.float32 else CASES_BF16
+    print(f"device {device}, {args.dtype}, {torch.get_num_threads()} CPU threads, medians of {args.repeats} runs, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
-    results = [run_case(case, device, args.repeats) for case in CASES]
+    results = [run_case(case, device, args.repeats, dtype) for case in cases]
     meter = PeakMemory(device)  # after the timings: the fixed mmap threshold slows allocation-heavy code
-    for case, result in zip(CASES, results):
-        result["mem_ours"], result["mem_diffusers"] = measure_memory(case, device, meter)
+    for case, result in zip(cases, results):
+        result["mem_ours"], result["mem_diffusers"] = measure_memory(case, device, meter, dtype)
 
+    errors = "" if dtype == torch.float32 else f"{'err ours':>10}{'err diffusers':>15}"
     header = f"{'config':<30}{'tokens':>7}{'ours ms':>11}{'diffusers ms':>14}{'ratio':>7}" \
-             f"{'peak MiB ours':>15}{'peak MiB diffusers':>20}"
+             f"{'peak MiB ours':>15}{'peak MiB diffusers':>20}{errors}"
     print(header)
-    for case, r in zip(CASES, results):
+    for case, r in zip(cases, results):
+        errors = "" if dtype == torch.float32 else f"{r['rel_err']:>10.2e}{r['rel_err_diffusers']:>15.2e}"
         print(f"{case.name:<30}{r['tokens']:>7}{r['ours']:>11.1f}{r['diffusers']:>14.1f}"
-              f"{r['ratio']:>7.3f}{r['mem_ours']:>15.1f}{r['mem_diffusers']:>20.1f}")
+              f"{r['ratio']:>7.3f}{r['mem_ours']:>15.1f}{r['mem_diffusers']:>20.1f}{errors}")
     max_ratio = max(r["ratio"] for r in results)
     max_rel_err = max(r["rel_err"] for r in results)
+    if dtype != torch.float32:
+        tol = bf16_tolerance(max(c.config.num_layers for c in cases))
+        verdict = "within" if max_rel_err <= tol else "OVER"
+        print(f"bf16 tolerance {tol:.2e}: ours {verdict} (diffusers' own bf16 error: "
+              f"{max(r['rel_err_diffusers'] for r in results):.2e})")
     print(f"dit_forward: max_ratio={max_ratio:.3f} max_rel_err={max_rel_err:.2e}")
 
 

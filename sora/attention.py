@@ -7,6 +7,10 @@ Backends:
 
 flash-attn and SageAttention only take fp16/bf16; other inputs run in bf16 there, as the Wan reference does,
 and the result comes back in the query's dtype.
+
+Key multiplicities (`key_counts`) enter "sdpa" as a log-count mask. With fp16/bf16 inputs the mask stays float32 on
+the CPU, whose kernel adds it to float32 scores; on other devices such inputs attend in float32 when a count exceeds
+1, because a 16-bit mask cannot hold log n exactly. Float32 inputs are unaffected.
 """
 from __future__ import annotations
 
@@ -80,10 +84,12 @@ def _sdpa(q, k, v, key_counts):
     if key_counts is not None:
         # softmax over n equal keys = one key whose logit is raised by log n; log 0 = -inf masks a key out
         mask = key_counts.to(device=q.device, dtype=torch.float32).log()[:, None, None, :]
-        if dtype != torch.float32 and bool((key_counts > 1).any()):
-            # log n is not exact in 16 bits (bf16 would weigh 409 copies as 403): attend in float32
-            q, k, v = q.float(), k.float(), v.float()
-        mask = mask.to(q.dtype)
+        # log n is not exact in 16 bits (bf16 would weigh 409 copies as 403). On the CPU the kernel adds a float32
+        # mask to float32 scores, so q, k, v stay in 16 bits; elsewhere the mask has q's dtype: attend in float32.
+        if dtype != torch.float32 and q.device.type != "cpu":
+            if bool((key_counts > 1).any()):
+                q, k, v = q.float(), k.float(), v.float()
+            mask = mask.to(q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2).to(dtype)  # [B, Lq, heads, d]
 

@@ -1,4 +1,5 @@
-"""The attention dispatch: key multiplicities and masks against explicit softmax attention, backend errors."""
+"""The attention dispatch: key multiplicities and masks against explicit softmax attention, backend errors, and 16-bit
+attention on the CPU against float32."""
 import pytest
 import torch
 
@@ -55,3 +56,80 @@ def test_backend_errors(monkeypatch):
     monkeypatch.setattr(attention_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(InputError, match=r"sageattention package is not installed.*pip install sageattention"):
         attention(*torch.randn(3, 1, 2, 1, 8), backend="sageattn")
+
+
+def sdpa_before(q, k, v, key_counts):
+    """`attention._sdpa` before the CPU 16-bit path (16-bit inputs with a count > 1 attended in float32)."""
+    dtype, mask = q.dtype, None
+    if key_counts is not None:
+        mask = key_counts.to(dtype=torch.float32).log()[:, None, None, :]
+        if dtype != torch.float32 and bool((key_counts > 1).any()):
+            q, k, v = q.float(), k.float(), v.float()
+        mask = mask.to(q.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           attn_mask=mask)
+    return out.transpose(1, 2).to(dtype)
+
+
+def sample(Lq, Lk, dtype, seed=0, heads=3, d=64):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, L, heads, d, generator=gen).to(dtype) for L in (Lq, Lk, Lk))
+    counts = torch.randint(0, 3, (2, Lk), generator=gen)
+    counts[:, 0] = 1  # every sample keeps a key
+    counts[1, -1] = 409  # the text padding row of a 100-token prompt stands for 412 rows; log 409 is inexact in bf16
+    return q, k, v, counts
+
+
+@pytest.mark.parametrize("Lq, Lk", [(1, 4), (7, 101), (300, 257)])
+def test_float32_is_unchanged(Lq, Lk):
+    q, k, v, counts = sample(Lq, Lk, torch.float32)
+    for key_counts in (None, counts.clamp(max=1), counts):
+        assert torch.equal(attention(q, k, v, key_counts=key_counts), sdpa_before(q, k, v, key_counts))
+
+
+def test_16_bit_without_multiplicities_is_unchanged():
+    q, k, v, counts = sample(70, 101, torch.bfloat16)
+    for key_counts in (None, counts.clamp(max=1)):  # 0/1 counts: a float32 mask of 0 and -inf, as exact as bf16's
+        assert torch.equal(attention(q, k, v, key_counts=key_counts), sdpa_before(q, k, v, key_counts))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Lq, Lk", [(1, 4), (7, 101), (300, 257)])
+def test_16_bit_on_the_cpu_equals_float32(dtype, Lq, Lk):
+    """16-bit q, k, v (counts > 1 included) against float32 attention of the same values.
+
+    Tolerance 4·eps of the dtype (2^-6 for bf16), relative to the largest output: the kernel keeps float32 scores
+    and rounds the softmax weights (relative u = eps/2 each) and the output (u) to 16 bits; an output element is a
+    weighted mean of values, so its error stays near 2u·max|v|. Measured: about 0.3 eps.
+    """
+    q, k, v, counts = sample(Lq, Lk, dtype)
+    tol = 4 * torch.finfo(dtype).eps
+    for key_counts in (None, counts):
+        out = attention(q, k, v, key_counts=key_counts)
+        expected = attention(q.float(), k.float(), v.float(), key_counts=key_counts)
+        assert out.dtype == dtype
+        assert (out.float() - expected).abs().max() <= tol * expected.abs().max()
+    # zero counts drop a key, counts > 1 weigh it as copies: the same as passing the keys repeated
+    out = attention(q, k, v, key_counts=counts)
+    for b in range(2):
+        k_rep, v_rep = (x[b].repeat_interleave(counts[b], dim=0)[None] for x in (k, v))
+        expected = softmax_attention(q[b:b + 1], k_rep, v_rep)
+        assert (out[b:b + 1].double() - expected).abs().max() <= tol * expected.abs().max()
+
+
+def test_16_bit_multiplicities_stay_in_16_bits_in_the_flash_kernel(monkeypatch):
+    """Counts > 1 no longer upcast q, k, v on the CPU, and the fused kernel runs: no [Lq, Lk] score matrix."""
+    q, k, v, counts = sample(300, 101, torch.bfloat16)
+    sdpa, seen = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(q, k, v, attn_mask=None):
+        seen.append((q.dtype, k.dtype, v.dtype, attn_mask.dtype))
+        return sdpa(q, k, v, attn_mask=attn_mask)
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", spy)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        attention(q, k, v, key_counts=counts)
+    assert seen == [(torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32)]
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert not any("math" in op for op in ops)
