@@ -14,12 +14,16 @@ import json
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from . import ops
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -203,9 +207,10 @@ def strip_prefix(state_dict: StateDict, prefixes: tuple[str, ...], anchor: str) 
 
 
 def build(make: Callable[[], nn.Module], state_dict: StateDict, *, what: str, source: str | Path = "checkpoint",
-          weight_dtype: torch.dtype | None = None) -> nn.Module:
+          weight_dtype: torch.dtype | ops.Fp8Matmul | None = None) -> nn.Module:
     """`make()` built on the meta device (no memory), the file's tensors assigned into it (`load_into`), and its
-    Linear weights stored in `weight_dtype` when one is given (`sora.ops.cast_weights`)."""
+    Linear weights stored in `weight_dtype` when one is given (`sora.ops.cast_weights`): a torch dtype, or
+    `sora.ops.FP8_E4M3FN_FAST` for scaled e4m3 weights multiplied in fp8 where the GPU has fp8 units."""
     from . import ops  # ops defines layers; this module only reads files
 
     with torch.device("meta"):

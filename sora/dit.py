@@ -816,5 +816,6 @@ def load_dit(path: str | Path, *, weight_dtype: torch.dtype | None = None,
     model = build(lambda: WanDiT(config), state_dict, what="Wan DiT", source=path, weight_dtype=weight_dtype)
     model.to(device)
     model.set_compute(dtype=compute_dtype, attention=attention)
+    model.loaded_from = (Path(path), weight_dtype)  # another process loads its own copy from it (sora.parallel)
     return model.eval().requires_grad_(False)
 

@@ -10,10 +10,19 @@ touch for the duration of one forward (`installed`), and the layers add them as 
 low-rank patch to this call's weight (`W + up·down`, a temporary like the upcast) or, for a few tokens, on the
 activations (`x·downᵀ·upᵀ`), whichever costs less, and any other patch to the weight; other parameters (norms,
 modulation, the patch embedding) read themselves through `patched`.
+
+fp8 matrix multiply (`FP8_E4M3FN_FAST`, ComfyUI's "fp8_e4m3fn_fast"): a layer whose weight dtype option asked for
+it stores its weight as float8_e4m3fn with a per-tensor float32 scale and, where the device has fp8 matrix units
+(CUDA compute capability 8.9 or later, `fp8_matmul_available`), multiplies in fp8 through `torch._scaled_mm`: the
+input is quantised per tensor to e4m3 with its own scale (largest magnitude / 448) and the product comes out in the
+compute dtype. Elsewhere the same weight is upcast per call like any fp8 weight. Low-rank patches still apply on
+the activations (beside the fp8 product); a full delta, a float32 compute dtype or a shape the kernel refuses
+(features not multiples of 16) takes the upcast path.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +33,50 @@ from torch import nn
 from . import gguf
 
 PATCHES = "sora_patches"  # module attribute: {parameter name: (BoundPatch, ...)} while a patched forward runs
+FP8_MAX = 448.0  # the largest float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class Fp8Matmul:
+    """A weight dtype option (`sora.checkpoints.build`, `sora.dit.load_dit(weight_dtype=...)`): Linear weights stored
+    in float8_e4m3fn with a per-tensor scale and multiplied in fp8 where the device can (module docstring)."""
+    dtype: torch.dtype = torch.float8_e4m3fn
+
+
+FP8_E4M3FN_FAST = Fp8Matmul()
+
+
+@functools.cache
+def _has_fp8_units(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+def fp8_matmul_available(device: torch.device) -> bool:
+    """Whether `torch._scaled_mm` multiplies float8_e4m3fn on fp8 matrix units of `device`: NVIDIA GPUs of compute
+    capability 8.9 (Ada) and later. The CPU build has the op too, but it upcasts inside: no gain there."""
+    if device.type != "cuda" or torch.version.hip is not None or not hasattr(torch, "_scaled_mm"):
+        return False
+    return _has_fp8_units(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """`x · (weight · weight_scale)ᵀ + bias` through `torch._scaled_mm`, x quantised per tensor to e4m3.
+
+    x [..., in] in a float dtype; weight [out, in] float8_e4m3fn, contiguous; weight_scale a float32 scalar on x's
+    device; bias [out] in `out_dtype` or None. Returns [..., out] in `out_dtype`.
+    """
+    rows = x.reshape(-1, x.shape[-1])  # [tokens, in]
+    amax = torch.linalg.vector_norm(rows, ord=float("inf")).float()  # max |x| (exact), no [tokens, in] temporary
+    x_scale = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    # x · (1 / scale) is computed in float32 and rounded to x's dtype (a 0-dim float32 factor does not promote it),
+    # then to e4m3; the clamp keeps a value rounded just past 448 from becoming NaN in the cast.
+    quantised = (rows * x_scale.reciprocal()).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    out = torch._scaled_mm(quantised, weight.t(), scale_a=x_scale, scale_b=weight_scale.float().reshape(()),
+                           bias=bias, out_dtype=out_dtype)
+    if isinstance(out, tuple):  # torch < 2.5 returned (out, amax)
+        out = out[0]
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 @dataclass(frozen=True)
@@ -93,6 +146,7 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, **kwargs)
         self.compute_dtype: torch.dtype | None = None
         self.gguf_type: int | None = None  # a GGUF type id when `weight` holds quantised blocks (`quantize`)
+        self.fp8_matmul = False  # multiply an e4m3 weight in fp8 where the device can (`FP8_E4M3FN_FAST`)
         self.register_buffer("scale_weight", None)
 
     @property
@@ -110,10 +164,23 @@ class Linear(nn.Linear):
             weight = weight * self.scale_weight.to(dtype)
         return weight
 
+    def uses_fp8_matmul(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether this call multiplies in fp8 (`fp8_linear`): the layer asked for it, its weight is e4m3 in a shape
+        the kernel takes, the compute dtype is 16-bit, the device has fp8 units, and every weight patch installed
+        is low-rank (those apply on the activations; a full delta needs the upcast weight)."""
+        if not (self.fp8_matmul and self.gguf_type is None and self.weight.dtype == torch.float8_e4m3fn
+                and dtype in (torch.bfloat16, torch.float16) and self.in_features % 16 == 0
+                and self.out_features % 16 == 0 and self.weight.is_contiguous()):
+            return False
+        table = self.__dict__.get(PATCHES) or {}
+        return all(patch.low_rank for patch in table.get("weight", ())) and fp8_matmul_available(x.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
-        weight = self.compute_weight(dtype)
         table = self.__dict__.get(PATCHES)
+        if self.uses_fp8_matmul(x, dtype):
+            return self._fp8_forward(x.to(dtype), dtype, table or {})
+        weight = self.compute_weight(dtype)
         if not table:
             bias = None if self.bias is None else self.bias.to(dtype)
             return F.linear(x.to(dtype), weight, bias)
@@ -137,6 +204,17 @@ class Linear(nn.Linear):
             out = out + F.linear(F.linear(x, down), up)
         return out
 
+    def _fp8_forward(self, x: torch.Tensor, dtype: torch.dtype, table: Mapping) -> torch.Tensor:
+        """The fp8 product plus the low-rank patches on the activations (always there: folding one into the weight
+        would need the upcast weight the fp8 product avoids)."""
+        scale = self.scale_weight if self.scale_weight is not None else torch.ones((), device=x.device)
+        bias = None if self.bias is None else patched(self, "bias", dtype)
+        out = fp8_linear(x, self.weight, scale, bias, dtype)
+        for patch in table.get("weight", ()):
+            down, up = patch.factors(x.device, dtype)
+            out = out + F.linear(F.linear(x, down), up)
+        return out
+
 
 def set_compute_dtype(module: nn.Module, dtype: torch.dtype | None) -> None:
     """Set the matmul dtype of every `Linear` in `module` (None: follow the input)."""
@@ -145,19 +223,37 @@ def set_compute_dtype(module: nn.Module, dtype: torch.dtype | None) -> None:
             m.compute_dtype = dtype
 
 
-def cast_weights(module: nn.Module, dtype: torch.dtype) -> None:
+def cast_weights(module: nn.Module, dtype: torch.dtype | Fp8Matmul) -> None:
     """Store the weights of every `Linear` in `dtype` (the loaders' "weight dtype" option).
 
     Casting to fp8 is a plain cast, like ComfyUI's `fp8_e4m3fn` option; an existing `scale_weight` is folded in
-    first so that no information about the scale is lost.
+    first so that no information about the scale is lost. `FP8_E4M3FN_FAST` keeps e4m3 weights (and their scale) as
+    they are and stores any other as e4m3 with a per-tensor scale (largest magnitude / 448), then turns on the fp8
+    product (`Linear.fp8_matmul`).
     """
     for m in module.modules():
         if isinstance(m, Linear) and m.gguf_type is None:  # GGUF blocks stay as they are
+            if isinstance(dtype, Fp8Matmul):
+                _store_scaled_e4m3(m)
+                continue
             weight = m.weight.data
             if m.scale_weight is not None:
                 weight = weight.float() * m.scale_weight.float()
                 m.scale_weight = None
             m.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+
+
+def _store_scaled_e4m3(layer: Linear) -> None:
+    layer.fp8_matmul = True
+    if layer.weight.dtype == torch.float8_e4m3fn:
+        return
+    weight = layer.weight.data.float()
+    if layer.scale_weight is not None:
+        weight = weight * layer.scale_weight.float()
+    scale = (weight.abs().amax() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    layer.weight = nn.Parameter((weight / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn),
+                                requires_grad=False)
+    layer.scale_weight = scale
 
 
 def weight_workspace_bytes(model: nn.Module) -> int:

@@ -10,7 +10,9 @@ fresh copy), so it can be tested and its bytes counted without an accelerator. S
 a block computes on a bit-exact copy of its own weights.
 
 Hooks do the work (`nn.Module.register_forward_pre_hook`), so the model's own loop `for block in self.blocks:`
-stays as it is. While streaming is attached a streamed block holds meta-device placeholders between forwards;
+stays as it is. The CUDA side of the copies (pinning, the side stream, its events) is one small class,
+`SideStreamCopies`, chosen by `side_stream_copies(device)`; tests replace that function to run the CUDA order of
+operations on the CPU. While streaming is attached a streamed block holds meta-device placeholders between forwards;
 `detach` puts real tensors back.
 """
 from __future__ import annotations
@@ -62,6 +64,40 @@ def move_module(module: nn.Module, device: torch.device, skip: Sequence[nn.Modul
                 set_slot((owner, name, name in owner._parameters), tensor.detach().to(device))
 
 
+class SideStreamCopies:
+    """How streamed blocks reach a CUDA device: page-locked host tensors copied on a side stream, so that the copy
+    of the next block overlaps this block's compute; the compute stream waits for a block's copy before using it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.pin_memory()  # page-locked: the copy to the device can run asynchronously
+
+    def copy(self, tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event]:
+        """Device copies of `tensors`, started on the side stream, and the event that marks their end."""
+        with torch.cuda.stream(self.stream):
+            copies = [tensor.to(self.device, non_blocking=True) for tensor in tensors]
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return copies, event
+
+    def wait(self, event: torch.cuda.Event) -> None:
+        """Make the compute stream wait for a copy before it uses it."""
+        torch.cuda.current_stream(self.device).wait_event(event)
+
+    def release(self, copy: torch.Tensor) -> None:
+        """A copy is dropped: allocated on the side stream, used on the compute stream, its memory must not be
+        reused before that use ends."""
+        copy.record_stream(torch.cuda.current_stream(self.device))
+
+
+def side_stream_copies(device: torch.device) -> SideStreamCopies | None:
+    """The copier of streamed blocks for `device`: a side stream on CUDA, None elsewhere (plain clones)."""
+    return SideStreamCopies(device) if device.type == "cuda" else None
+
+
 def plan_resident_blocks(available: int, fixed: int, block_bytes: Sequence[int]) -> int:
     """The most blocks that can stay resident when `available` bytes must hold the model's `fixed` part, the
     resident blocks and the streaming window (the running and the prefetched block). 0 when even that fails."""
@@ -91,7 +127,7 @@ class BlockStreamer:
         self.store: dict[int, list[tuple[Slot, torch.Tensor]]] = {}  # block index -> its slots and host tensors
         self.sizes: dict[int, int] = {}  # block index -> bytes of its weights
         self.live: dict[int, torch.cuda.Event | None] = {}  # materialised streamed blocks -> copy-done event
-        self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.copies = side_stream_copies(device)
         self.hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def live_bytes(self) -> int:
@@ -105,8 +141,8 @@ class BlockStreamer:
             entries = self.store[index] = []  # filled as we go, so that `detach` can undo a failed attach
             for slot in tensor_slots(self.blocks[index]):
                 tensor = getattr(slot[0], slot[1]).detach().to("cpu")
-                if self.device.type == "cuda":
-                    tensor = tensor.pin_memory()  # page-locked: the copy to the device can run asynchronously
+                if self.copies is not None:
+                    tensor = self.copies.pin(tensor)
                 entries.append((slot, tensor))
                 set_slot(slot, torch.empty_like(tensor, device="meta"))
             self.sizes[index] = sum(t.numel() * t.element_size() for _, t in entries)
@@ -140,7 +176,7 @@ class BlockStreamer:
                     self._fetch(position)
                 event = self.live[position]
                 if event is not None:
-                    torch.cuda.current_stream(self.device).wait_event(event)
+                    self.copies.wait(event)
             following = position + 1
             if following in self.store and following not in self.live:
                 self._fetch(following)  # prefetch: overlaps this block's compute on CUDA
@@ -155,14 +191,11 @@ class BlockStreamer:
     def _fetch(self, index: int) -> None:
         """Copy block `index` from the store onto the device and install the copies (async on CUDA)."""
         entries = self.store[index]
-        if self.side_stream is None:
+        if self.copies is None:
             copies = [tensor.clone() for _, tensor in entries]
             event = None
         else:
-            with torch.cuda.stream(self.side_stream):
-                copies = [tensor.to(self.device, non_blocking=True) for _, tensor in entries]
-                event = torch.cuda.Event()
-                event.record(self.side_stream)
+            copies, event = self.copies.copy([tensor for _, tensor in entries])
         for (slot, _), copy in zip(entries, copies):
             set_slot(slot, copy)
         self.live[index] = event
@@ -172,8 +205,7 @@ class BlockStreamer:
         """Drop the device copies of block `index`, putting placeholders back."""
         del self.live[index]
         for slot, tensor in self.store[index]:
-            if self.side_stream is not None:
-                # allocated on the side stream, used on the compute stream: keep the memory until that use ends
-                getattr(slot[0], slot[1]).record_stream(torch.cuda.current_stream(self.device))
+            if self.copies is not None:
+                self.copies.release(getattr(slot[0], slot[1]))
             set_slot(slot, torch.empty_like(tensor, device="meta"))
         self.account(-self.sizes[index])

@@ -1,5 +1,11 @@
-"""Shared test fixtures: the repository imported the way ComfyUI imports a custom node folder."""
+"""Shared test fixtures: the repository imported the way ComfyUI imports a custom node folder, and the test device.
+
+Tests that take the `device` fixture are the device-dependent ones (marked `device` at collection): they run on the
+CPU by default and on a GPU with `pytest --device cuda` (or `SORA_TEST_DEVICE=cuda`); `pytest -m device --device
+cuda` runs only them, as `benchmarks/device_check.py` does.
+"""
 import importlib.util
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -8,6 +14,36 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=os.environ.get("SORA_TEST_DEVICE", "cpu"),
+                     help="torch device of the device-dependent tests (the `device` fixture): cpu (default), cuda, "
+                          "cuda:1, ...; the environment variable SORA_TEST_DEVICE sets the default")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: takes the test device (--device / SORA_TEST_DEVICE); added to every "
+                                       "test that uses the `device` fixture")
+    try:
+        device = torch.device(config.getoption("--device"))
+    except RuntimeError as e:
+        raise pytest.UsageError(f"--device / SORA_TEST_DEVICE: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {device} (or SORA_TEST_DEVICE) asks for CUDA, but torch "
+                                f"{torch.__version__} sees no CUDA device here; use --device cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> torch.device:
+    """The device of the device-dependent tests: the CPU unless --device / SORA_TEST_DEVICE says otherwise."""
+    return torch.device(pytestconfig.getoption("--device"))
 
 
 def import_as_custom_node(name: str):
