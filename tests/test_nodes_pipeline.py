@@ -73,9 +73,11 @@ def sample(model, latent, seed=1, positive=None, negative=None, steps=3, **extra
 
 def test_dropdowns_list_the_model_folders_with_the_embedded_models_first():
     assert loaders.SoraModelLoader.INPUT_TYPES()["required"]["model_name"][0] == [
-        loaders.NANO, "wan2.1-t2v-14b-Q4_K_M.gguf", "wan2.1-t2v-14b-Q8_0.gguf", WAN21,
-        "wan2.1_t2v_14B_bf16.safetensors", "wan2.2_i2v_high_noise_14B_fp16.safetensors",
-        "wan2.2_i2v_low_noise_14B_fp16.safetensors", WAN22]  # GGUF files too
+        loaders.NANO, "wan2.1-t2v-14b-Q4_K_M.gguf", "wan2.1-t2v-14b-Q8_0.gguf",
+        "wan2.1_flf2v_720p_14B_fp16.safetensors", "wan2.1_i2v_480p_14B_fp16.safetensors", WAN21,
+        "wan2.1_t2v_14B_bf16.safetensors", "wan2.1_vace_1.3B_fp16.safetensors",
+        "wan2.2_i2v_high_noise_14B_fp16.safetensors", "wan2.2_i2v_low_noise_14B_fp16.safetensors",
+        WAN22]  # GGUF files too
     assert loaders.SoraTextEncoderLoader.INPUT_TYPES()["required"]["text_encoder_name"][0] == [
         loaders.MINILM, "umt5-xxl-encoder-Q8_0.gguf", UMT5]
     assert loaders.SoraVAELoader.INPUT_TYPES()["required"]["vae_name"][0] == [

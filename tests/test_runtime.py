@@ -194,7 +194,8 @@ def test_inside_comfyui_input_names_inside_its_folders_load(server_files, comfy)
     assert runtime.input_path("frame.png [input]") == files.image  # core's annotated names
     assert runtime.input_path("render_00001_.mp4 [output]") == files.output
     assert runtime.input_path("sora_start_frame.png") == runtime.ASSETS / "sora_start_frame.png"  # shipped assets
-    assert runtime.input_files((".png",)) == ["frame.png", "sora_start_frame.png"]  # the link out is not listed
+    # the link out is not listed
+    assert runtime.input_files((".png",)) == ["frame.png", "sora_end_frame.png", "sora_start_frame.png"]
     with pytest.raises(InputError, match="'nothing.png' was not found"):
         runtime.input_path("nothing.png")
     with pytest.raises(InputError, match="is outside ComfyUI's output folder"):
@@ -231,7 +232,7 @@ def test_inside_comfyui_load_nodes_list_the_input_folder_and_refuse_other_names_
     from sora.nodes import loaders, media
     image = media.SoraLoadImage.INPUT_TYPES()["required"]["image"]
     video = media.SoraLoadVideo.INPUT_TYPES()["required"]["video"]
-    assert image[0] == ["frame.png", "sora_start_frame.png"] and image[1]["image_upload"] is True
+    assert image[0] == ["frame.png", "sora_end_frame.png", "sora_start_frame.png"] and image[1]["image_upload"] is True
     assert video[0] == ["shots/clip.mp4", "sora_source_clip.mp4"] and video[1]["video_upload"] is True
     assert media.SoraLoadImage.VALIDATE_INPUTS("frame.png") is True
     refusal = media.SoraLoadImage.VALIDATE_INPUTS(str(server_files.secret))
