@@ -85,3 +85,42 @@ def latent_samples(node: type, name: str, latent) -> object:
                           "is not a video latent [batch, channels, frames, height, width]; connect a video latent "
                           "(image latents are 4-D)")
     return samples
+
+
+def checked(node: type, rules: dict) -> bool | str:
+    """The body of a VALIDATE_INPUTS: each constant value against its declared min / max (ComfyUI leaves that to
+    a node for the inputs its VALIDATE_INPUTS takes) and its rule, `rule(node, name, value)` raising the node's
+    InputError; None is a linked value, checked when the node runs. True, or "input 'name': why" for the first
+    refusal (ComfyUI shows it before anything runs; `sora run` names the node and the input)."""
+    spec = node.INPUT_TYPES()
+    declared = {**spec.get("required", {}), **spec.get("optional", {})}
+    for name, (value, rule) in rules.items():
+        if value is None:
+            continue
+        options = declared[name][1] if len(declared[name]) > 1 else {}
+        low, high = options.get("min"), options.get("max")
+        numeric = isinstance(value, (int, float))
+        if numeric and ((low is not None and value < low) or (high is not None and value > high)):
+            return f"input '{name}': {value} is outside {low}..{high}"
+        try:
+            if rule is not None:
+                rule(node, name, value)
+        except sora.errors.InputError as e:
+            why = str(e).split(f"input '{name}' = ", 1)[-1]
+            return f"input '{name}': {why}"
+    return True
+
+
+def video_size(grid: int):
+    """A rule: a width or height on the grid of `grid` pixels (VAE compression times the 2x2 patch)."""
+    return lambda node, name, size: size_on_grid(node, name, size, grid, "VAE compression x 2x2 patches")
+
+
+def video_frames(node: type, name: str, frames: int) -> None:
+    """A rule: a whole clip of 1 + 4k video frames (every Wan VAE and nano's)."""
+    frames_on_grid(node, name, frames, 4)
+
+
+def continuing_frames(node: type, name: str, frames: int) -> None:
+    """A rule: frames that continue a clip, a multiple of 4."""
+    whole_latent_frames(node, name, frames, 4)

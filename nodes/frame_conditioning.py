@@ -17,11 +17,15 @@ from __future__ import annotations
 from ._common import (
     about,
     category,
+    checked,
+    continuing_frames,
     frames_on_grid,
     input_error,
     latent_samples,
     mappings,
     size_on_grid,
+    video_frames,
+    video_size,
     whole_latent_frames,
 )
 from ._handles import VAE
@@ -70,6 +74,11 @@ class SoraExtendForward:
                                                             "video latent)."}),
                              "overlap_frames": OVERLAP, "new_frames": NEW_FRAMES}}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, overlap_frames=None, new_frames=None):
+        return checked(cls, {"overlap_frames": (overlap_frames, continuing_frames),
+                             "new_frames": (new_frames, continuing_frames)})
+
     def extend(self, clip, overlap_frames, new_frames):
         return _condition(type(self), sora.conditioning.extend_forward, {"clip": clip}, overlap_frames, new_frames)
 
@@ -87,6 +96,11 @@ class SoraExtendBackward:
     def INPUT_TYPES(cls):
         return {"required": {"clip": ("LATENT", {"tooltip": "The clip to lead into."}),
                              "overlap_frames": OVERLAP, "new_frames": NEW_FRAMES}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, overlap_frames=None, new_frames=None):
+        return checked(cls, {"overlap_frames": (overlap_frames, continuing_frames),
+                             "new_frames": (new_frames, continuing_frames)})
 
     def extend(self, clip, overlap_frames, new_frames):
         return _condition(type(self), sora.conditioning.extend_backward, {"clip": clip}, overlap_frames, new_frames)
@@ -107,6 +121,11 @@ class SoraConnect:
                              "second": ("LATENT", {"tooltip": "The clip that plays after the bridge."}),
                              "overlap_frames": OVERLAP, "new_frames": NEW_FRAMES}}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, overlap_frames=None, new_frames=None):
+        return checked(cls, {"overlap_frames": (overlap_frames, continuing_frames),
+                             "new_frames": (new_frames, continuing_frames)})
+
     def connect(self, first, second, overlap_frames, new_frames):
         return _condition(type(self), sora.conditioning.connect, {"first": first, "second": second},
                           overlap_frames, new_frames)
@@ -125,6 +144,11 @@ class SoraLoop:
     def INPUT_TYPES(cls):
         return {"required": {"clip": ("LATENT", {"tooltip": "The clip to loop."}),
                              "overlap_frames": OVERLAP, "new_frames": NEW_FRAMES}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, overlap_frames=None, new_frames=None):
+        return checked(cls, {"overlap_frames": (overlap_frames, continuing_frames),
+                             "new_frames": (new_frames, continuing_frames)})
 
     def loop(self, clip, overlap_frames, new_frames):
         return _condition(type(self), sora.conditioning.loop, {"clip": clip}, overlap_frames, new_frames)
@@ -146,6 +170,10 @@ class SoraImageToVideo:
                                             "frames 1 + 4k are kept as the clip's beginning)."}),
             "frames": ("INT", {"default": 121, "min": 5, "max": 4097, "step": 4,
                                "tooltip": "Video frames of the whole clip, 1 + 4k (121 = 5 s at 24 fps)."})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, frames=None):
+        return checked(cls, {"frames": (frames, video_frames)})
 
     def condition(self, start, frames):
         samples = latent_samples(type(self), "start", start)
@@ -203,6 +231,11 @@ class SoraWanImageToVideo:
                                "start image's tokens)."}),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None):
+        return checked(cls, {"width": (width, video_size(16)), "height": (height, video_size(16)),
+                             "frames": (frames, video_frames)})
 
     def condition(self, positive, negative, vae, start_image, width, height, frames, batch, end_image=None,
                   clip_vision_start_image=None, clip_vision_end_image=None):
@@ -300,6 +333,10 @@ class SoraJoinClips:
             },
             "optional": {"part_3": part, "part_4": part},
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, overlap_frames=None):
+        return checked(cls, {"overlap_frames": (overlap_frames, continuing_frames)})
 
     def join(self, part_1, part_2, overlap_frames, loop, part_3=None, part_4=None):
         node = type(self)

@@ -179,8 +179,9 @@ class SoraTextEncoderLoader:
 
 
 def _load_minilm(folder: Path):
-    """`sora.text.load_minilm` in the form the model cache calls (the folder identifies the weights)."""
-    return sora.text.load_minilm()
+    """`sora.text.load_minilm` in the form the model cache calls (the folder identifies the weights), with the
+    nano DiT's window: a longer prompt is cut at the text encode, not refused by the sampler."""
+    return sora.text.load_minilm(max_length=sora.nano.TEXT_TOKENS)
 
 
 class SoraVAELoader:

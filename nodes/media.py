@@ -16,7 +16,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ._common import about, category, mappings
+from ._common import about, category, checked, mappings
 from ._sora import sora
 
 SIZE_TOOLTIP = "Resize to this many pixels (0 keeps the file's {}); use the model's size grid (e.g. {})."
@@ -165,6 +165,11 @@ class SoraSaveVideo:
                                            "tooltip": "File name start, with optional subfolders inside the output "
                                                       "folder; a counter and .mp4 are added."}),
         }, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        return checked(cls, {"filename_prefix": (filename_prefix, lambda node, name, prefix:
+                                                 sora.runtime.split_prefix(prefix))})
 
     def save(self, frames, fps, crf, filename_prefix, prompt=None, extra_pnginfo=None):
         with about(type(self), "filename_prefix"):

@@ -11,6 +11,7 @@ headless) stops the run between two steps.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from ._comfy_sampler import core_sampler
@@ -18,11 +19,14 @@ from ._common import (
     Described,
     about,
     category,
+    checked,
     frames_on_grid,
     input_error,
     latent_samples,
     mappings,
     size_on_grid,
+    video_frames,
+    video_size,
 )
 from ._handles import DIT
 from ._sora import sora
@@ -100,6 +104,11 @@ class SoraEmptyLatentVideo:
                                   "tooltip": "Videos generated at once (each with its own noise)."}),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None):
+        return checked(cls, {"width": (width, video_size(16)), "height": (height, video_size(16)),
+                             "frames": (frames, video_frames)})
 
     def generate(self, model, width, height, frames, batch):
         import torch
@@ -213,6 +222,13 @@ class SoraSampler:
             raise input_error(node, name, Described(f"CONDITIONING of width {width}"),
                               f"does not fit {model.name}, which reads {model.config.text_dim}-wide text "
                               "states; encode the prompt with the text encoder that belongs to the model")
+        limit = getattr(model.config, "text_len", None)
+        if limit and any(e.context[:, limit:].any() for e in entries):  # more text than the model reads
+            longest = max(e.context.shape[1] for e in entries)
+            log.warning("%s: input '%s' holds up to %d text tokens, but %s reads %d; the rest is left out",
+                        node.DISPLAY_NAME, name, longest, model.name, limit)
+        if limit:
+            entries = [dataclasses.replace(e, context=e.context[:, :limit]) for e in entries]
         return entries
 
     def _image_channels(self, model, positive, samples):
@@ -252,7 +268,7 @@ class SoraSampler:
         node = type(self)
         with about(node, "positive"):
             tokens = sora.conditioning.image_tokens(positive)
-        width = model.config.image_dim
+        width = getattr(model.config, "image_dim", None)
         if width is None:
             if tokens is not None:
                 log.warning("%s: %s has no CLIP image branch (a Wan 2.1 I2V / FLF2V model has one); the "

@@ -17,11 +17,14 @@ from ._common import (
     Described,
     about,
     category,
+    checked,
     frames_on_grid,
     input_error,
     latent_samples,
     mappings,
     size_on_grid,
+    video_frames,
+    video_size,
 )
 from ._handles import VAE
 from ._sora import sora
@@ -78,6 +81,11 @@ class SoraVaceEncode:
                                                     "its size the video's. Instead of a control video."}),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None):
+        return checked(cls, {"width": (width, video_size(16)), "height": (height, video_size(16)),
+                             "frames": (frames, video_frames)})
 
     def encode(self, positive, negative, vae, width, height, frames, batch, strength, control_video=None,
                control_masks=None, reference_image=None, condition=None):

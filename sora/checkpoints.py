@@ -11,6 +11,7 @@ pieces: open a file, strip a known prefix, and load a state dict into a module w
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -76,6 +77,23 @@ def _load_safetensors(path: Path) -> StateDict:
         raise CheckpointError(f"{path} could not be read as safetensors: {e}") from None
 
 
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _unsafe_or_broken(path: Path, error: Exception) -> CheckpointError:
+    """Why a pickle was refused, in our words: torch's own message advises loading it with weights_only=False,
+    which would run whatever code the file holds, so it is never passed on."""
+    found = _GLOBAL.search(str(error))
+    if found or "weights_only" in str(error) or "Weights only load failed" in str(error):
+        what = f" ({found[1]})" if found else ""
+        return CheckpointError(f"{path} is a pickle that holds code or objects{what}, not just tensors; this pack "
+                               "never runs code from a model file. Use a safetensors file of the model (convert "
+                               "it only where you trust its source).")
+    return CheckpointError(f"{path} could not be read as a tensor file ({type(error).__name__}: {error}); it may be "
+                           "truncated or not a model file. Only plain tensor files are accepted; safetensors is "
+                           "best.")
+
+
 def _load_pickle(path: Path) -> StateDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -84,14 +102,11 @@ def _load_pickle(path: Path) -> StateDict:
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e2:
-                raise CheckpointError(f"{path} could not be loaded safely: {e2}") from None
+                raise _unsafe_or_broken(path, e2) from None
         else:
-            raise CheckpointError(f"{path} could not be loaded safely: {e}") from None
+            raise _unsafe_or_broken(path, e) from None
     except Exception as e:  # pickle.UnpicklingError for files that need code execution, EOFError when truncated
-        raise CheckpointError(
-            f"{path} could not be loaded with weights_only=True ({type(e).__name__}: {e}). "
-            "Only plain tensor files are accepted; convert it to safetensors."
-        ) from None
+        raise _unsafe_or_broken(path, e) from None
     for key in ("state_dict", "model", "module"):  # common wrappers around the tensor dict
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

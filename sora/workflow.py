@@ -544,7 +544,7 @@ def _run_custom_check(plan: _Plan, node_id: str) -> None:
     if verdict is not True:
         reason = "rejected by the node's own input check" if verdict is False or verdict is None else str(verdict)
         named = re.match(r"input '([^']+)': (.*)", reason, re.DOTALL)  # a check of several inputs names the one
-        if input_name is None and named and named[1] in spec.inputs:
+        if named and named[1] in spec.inputs:
             input_name, reason = named[1], named[2]
         raise WorkflowError(reason, node_id=node_id, class_type=class_type, input_name=input_name)
 
@@ -713,10 +713,64 @@ def execute(prompt: Prompt, node_classes: NodeClasses, *, report: Callable[[str]
     return RunResult(outputs, files)
 
 
+# A smoke run (`sora run --smoke`): every size, length and step count of the graph shrunk, so that a Wan workflow on
+# the stand-ins (`sora stand-ins`) runs in seconds on a CPU. class -> inputs set (sizes on every Wan grid).
+SMOKE = {
+    "SoraEmptyLatentVideo": {"width": 64, "height": 32, "frames": 9}, "SoraScheduler": {"steps": 2},
+    "SoraLoadImage": {"width": 64, "height": 32}, "SoraLoadVideo": {"width": 64, "height": 32, "max_frames": 9},
+    "SoraImageToVideo": {"frames": 9}, "SoraWanImageToVideo": {"width": 64, "height": 32, "frames": 9},
+    "SoraVaceEncode": {"width": 64, "height": 32, "frames": 9},
+    **{name: {"overlap_frames": 4, "new_frames": 8}
+       for name in ("SoraExtendForward", "SoraExtendBackward", "SoraConnect", "SoraLoop")},
+    "SoraJoinClips": {"overlap_frames": 4},
+}
+
+
+def smoke_overrides(prompt: Prompt) -> list[str]:
+    """The `NODE_ID.INPUT=VALUE` settings of a smoke run of `prompt` (see `SMOKE`)."""
+    return [f"{node_id}.{name}={json.dumps(value)}" for node_id in sorted(prompt, key=_id_order)
+            for name, value in SMOKE.get(prompt[node_id]["class_type"], {}).items()]
+
+
+def settable_inputs(prompt: Prompt, node_classes: NodeClasses) -> list[tuple[str, str, InputSpec, object]]:
+    """(node id, class, spec, value) of every input `--set` can change: the widget values, not the links."""
+    found = []
+    for node_id in sorted(prompt, key=_id_order):
+        node = prompt[node_id]
+        cls = node_classes.get(node["class_type"])
+        if cls is None:
+            raise _unknown_class(node_id, node["class_type"], node_classes)
+        for name, inp in node_spec(cls).inputs.items():
+            value = node["inputs"].get(name)
+            if inp.is_widget and not isinstance(value, list):
+                found.append((node_id, node["class_type"], inp, value))
+    return found
+
+
 def run_workflow(source: str | Path | dict, node_classes: NodeClasses, overrides: Iterable[str] = (), *,
-                 report: Callable[[str], None] | None = None) -> RunResult:
-    """Load a workflow file in either format, apply `--set` overrides, validate it and run it."""
+                 report: Callable[[str], None] | None = None, smoke: bool = False) -> RunResult:
+    """Load a workflow file in either format, apply `--set` overrides (after the `smoke` settings, so they win),
+    validate it and run it."""
     workflow = load_workflow(source, node_classes)
+    overrides = [*(smoke_overrides(workflow.prompt) if smoke else ()), *overrides]
     prompt = apply_overrides(workflow.prompt, overrides, node_classes)
     extra = {"workflow": workflow.ui} if workflow.ui is not None else None
     return execute(prompt, node_classes, report=report, extra_pnginfo=extra)
+
+
+def run(source: str | Path | dict, *, output_dir: str | Path = "output", models_dir: str | Path = "models",
+        overrides: Iterable[str] = (), smoke: bool = False) -> list[Path]:
+    """Run a workflow of this pack's nodes from Python, as `sora run` does, and return the files it wrote.
+
+    Raises `WorkflowError` (a `sora.errors.SoraError`) naming the node and the input for anything a user can fix,
+    `sora.errors.Interrupted` when stopped; nothing is written for a workflow that does not validate.
+    """
+    from . import runtime
+    from .nodes import load_node_mappings
+
+    classes, _, failures = load_node_mappings()
+    if failures:
+        module, error = next(iter(failures.items()))
+        raise WorkflowError(f"node module {module} could not be loaded ({type(error).__name__}: {error})")
+    runtime.configure(output_dir=output_dir, models_dir=models_dir)
+    return run_workflow(source, classes, overrides, smoke=smoke).files

@@ -426,7 +426,9 @@ def test_the_embedded_models_are_the_defaults_and_need_no_file(fake_nano, host):
     model, encoder, vae = load_dit(loaders.NANO), load_encoder(loaders.MINILM), load_vae(loaders.NANO)
     assert model.name == loaders.NANO and model.task == "nano" and encoder.name == "minilm-l6"
     assert torch.equal(sigmas(model, 4), schedules.flow_sigmas(4, nano.DEFAULTS.shift))  # the nano default shift
-    positive, negative = text_encode.SoraTextEncode().encode(encoder, "a red circle moving right", "none", "")
+    encoded = text_encode.SoraTextEncode().encode(encoder, "a red circle moving right", "none", "")
+    assert encoded["ui"]["text"] == ["encoded: a red circle moving to the right"]  # nano's caption style
+    positive, negative = encoded["result"]
     latent = sampling.SoraEmptyLatentVideo().generate(model, 32, 32, 9, 1)[0]
     assert latent["samples"].shape == (1, fake_nano.channels, 3, 4, 4)
     out = sample(model, latent, positive=positive, negative=negative)

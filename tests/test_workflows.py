@@ -13,7 +13,7 @@ import pytest
 
 from sora import cli, runtime
 from sora.nodes import load_node_mappings
-from sora.workflow import api_prompt, apply_overrides, load_workflow, node_spec, validate
+from sora.workflow import SMOKE, api_prompt, apply_overrides, load_workflow, node_spec, validate
 
 pytestmark = pytest.mark.usefixtures("fresh_manager")  # a memory manager of this module's own
 
@@ -22,18 +22,14 @@ FOLDER = REPO / "workflows"
 NAMES = sorted(p.stem for p in FOLDER.glob("*.json"))
 CLASSES = load_node_mappings()[0]
 
-# Smaller sizes for the stand-in runs (the files keep the reference sizes): class -> inputs to override
-SHRINK = {"SoraEmptyLatentVideo": {"width": 64, "height": 32, "frames": 9}, "SoraScheduler": {"steps": 2},
-          "SoraLoadImage": {"width": 64, "height": 32}, "SoraLoadVideo": {"width": 64, "height": 32, "max_frames": 9},
-          "SoraImageToVideo": {"frames": 9}, "SoraExtendForward": {"overlap_frames": 4, "new_frames": 8},
-          "SoraJoinClips": {"overlap_frames": 4}, "SoraWanImageToVideo": {"width": 64, "height": 32, "frames": 9},
-          "SoraVaceEncode": {"width": 64, "height": 32, "frames": 9}}
+SHRINK = SMOKE  # the stand-in runs are smoke runs (`sora run --smoke`); the files keep the reference sizes
 # workflow -> (video frames, width, height, fps) of its mp4; nano workflows run as shipped
 EXPECTED = {
     "wan21_t2v_1.3B": (9, 64, 32, 16), "wan22_ti2v_5B_t2v": (9, 64, 32, 24),
     "wan22_ti2v_5B_long_clip": (9 + 8 + 8, 64, 32, 24),  # clip, then two extensions of 8 new frames each
     "wan22_ti2v_5B_i2v": (9, 64, 32, 24), "wan21_v2v_1.3B": (9, 64, 32, 16), "wan22_i2v_A14B": (9, 64, 32, 16),
     "nano_t2v": (33, 64, 64, 16), "nano_prompt_expansion": (33, 64, 64, 16),
+    "nano_t2v_step_cache": (33, 64, 64, 16), "nano_t2v_lora": (33, 64, 64, 16),
     "wan21_t2v_14B_distill_lora": (9, 64, 32, 16), "wan21_t2v_14B_gguf": (9, 64, 32, 16),
     "wan21_i2v_14B_480p": (9, 64, 32, 16), "wan21_flf2v_14B": (9, 64, 32, 16),
     "wan21_vace_control_1.3B": (9, 64, 32, 16), "wan21_vace_reference_1.3B": (9, 64, 32, 16),

@@ -4,11 +4,12 @@ with no downloads makes a real, prompt-following video on the CPU in seconds.
 It uses the pack's own code paths: `sora.dit.WanDiT` with a small config, `sora.vae.WanVAE` with small widths,
 and the MiniLM text encoder (`sora.text.load_minilm`). Its world is closed (`vocabulary`): one circle, square or
 triangle in a named colour moving in a named direction on a plain background (`data`); `judge` reads colour and
-direction back from a clip. `train_vae` and `train_dit` are the training scripts; `weights/` holds the shipped
-files and their model card.
+direction back from a clip. `train_vae`, `train_dit` and `train_lora` are the training scripts; `weights/` holds
+the shipped files (the DiT, the VAE and a LoRA that teaches the colour black) and their model card.
 
 The latent format "nano" (per-channel statistics stored in the shipped VAE file) is read when it is first asked
-for (`sora.latent_formats.format_of`); the sampling defaults are `sora.schedules.DEFAULTS["nano"]`.
+for (`sora.latent_formats.format_of`); the sampling defaults are `sora.schedules.DEFAULTS["nano"]`. `recaption`
+rewrites a user's prompt into the captions the model was trained on.
 """
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ from ..schedules import DEFAULTS as TASK_DEFAULTS
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 DIT_FILE = WEIGHTS / "nano_dit.safetensors"
 VAE_FILE = WEIGHTS / "nano_vae.safetensors"
+LORA_FILE = WEIGHTS / "nano_black_lora.safetensors"  # teaches the colour black (train_lora)
 
 # The settings the model was trained and measured with (see weights/MODEL_CARD.md): 64x64, 33 frames.
 DEFAULTS = TASK_DEFAULTS["nano"]
 WIDTH = HEIGHT = 64
+TEXT_TOKENS = 32  # MiniLM tokens the DiT reads (its text_len, [CLS] and [SEP] included): the encoder's window
 
 
 def _shipped(path: Path) -> Path:
@@ -45,6 +48,11 @@ def dit_path() -> Path:
 def vae_path() -> Path:
     """The shipped nano VAE (`sora.vae.load_vae` reads it)."""
     return _shipped(VAE_FILE)
+
+
+def lora_path() -> Path:
+    """The shipped nano LoRA (`sora.lora.read_lora` reads it)."""
+    return _shipped(LORA_FILE)
 
 
 def latent_format_from_metadata(metadata: dict[str, str]) -> LatentFormat:
@@ -70,3 +78,14 @@ def latent_format_metadata(fmt: LatentFormat) -> dict[str, str]:
 def shipped_latent_format() -> LatentFormat:
     """The "nano" latent format of the shipped VAE."""
     return latent_format_from_metadata(read_metadata(vae_path()))
+
+
+def __getattr__(name: str):
+    """Submodules load on first use (`sora.nano.recaption`, `sora.nano.judge`, ...), as in the `sora` package."""
+    import importlib
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"{__name__}.{name}":
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+        raise

@@ -1,8 +1,9 @@
 // Shows the text a node reports (its "text" UI output) on the node itself, in a read-only box below its widgets:
-// the caption of Sora Prompt Expansion, the report of Sora Load LoRA (keys applied, keys that did not apply).
+// the caption of Sora Prompt Expansion, the report of Sora Load LoRA (keys applied, keys that did not apply), what
+// Sora Text Encode encoded and its notes (guessed concepts, cut prompts).
 import { app } from "../../../scripts/app.js";  // served at /extensions/<pack>/js/
 
-const NODES = ["SoraPromptExpansion", "SoraLoraLoader"];
+const NODES = ["SoraPromptExpansion", "SoraLoraLoader", "SoraTextEncode"];
 const BOX = "expanded_prompt_shown";
 
 app.registerExtension({
