@@ -179,11 +179,23 @@ class SoraSampler:
                                                      "(split sigmas): this one then continues it."}),
                 "sampler": ("SAMPLER", {"tooltip": "Inside ComfyUI: a core sampler (KSamplerSelect: lcm, euler, "
                                                    "res_multistep, er_sde, ...) to use instead of sampler_name."}),
+                "cfg_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "Fraction of the steps that run guidance; after it each step runs "
+                                                 "the positive prompt alone (one forward instead of two). 1 = "
+                                                 "guidance on every step (the reference)."}),
+                "cfg_zero_star": ("BOOLEAN", {"default": False,
+                                              "tooltip": "CFG-Zero*: scale the negative prediction by its optimal "
+                                                         "projection onto the positive one before guiding (often "
+                                                         "cleaner early structure). Off = plain guidance."}),
+                "zero_init_steps": ("INT", {"default": 0, "min": 0, "max": 1000,
+                                            "tooltip": "CFG-Zero*'s zero-init: the first N steps predict nothing "
+                                                       "(no forward is run). 0 = off; 1 is the paper's choice."}),
             },
         }
 
     def sample(self, model, positive, negative, latent, sigmas, seed, guidance, sampler_name, denoise,
-               model_low_noise=None, boundary=0.875, guidance_low_noise=0.0, add_noise=True, sampler=None):
+               model_low_noise=None, boundary=0.875, guidance_low_noise=0.0, add_noise=True, sampler=None,
+               cfg_end=1.0, cfg_zero_star=False, zero_init_steps=0):
         node = type(self)
         samples = latent_samples(node, "latent", latent)
         channels = model.latent_format.channels
@@ -208,7 +220,8 @@ class SoraSampler:
                 boundary_t=boundary * 1000.0, low_noise_guidance=guidance_low_noise or None, denoise=denoise,
                 add_noise=add_noise, extra_channels=image, image_tokens=tokens, vace=vace,
                 callback=_progress_callback(bar, model.latent_format),
-                interrupt=sora.runtime.check_interrupt, device=sora.memory.get_manager().compute_device)
+                interrupt=sora.runtime.check_interrupt, device=sora.memory.get_manager().compute_device,
+                cfg_end=cfg_end, cfg_zero_star=cfg_zero_star, zero_init_steps=zero_init_steps)
         outputs = ({**latent, "samples": run.latent}, {**latent, "samples": run.denoised})
         return tuple(sora.vace.drop_reference_frames(out) for out in outputs)  # VACE references are not video
 

@@ -8,6 +8,11 @@ needs a fraction of the activation memory and gives the same result. Contexts of
 zero-padded to the longest: the Wan DiT zero-pads every context to `text_len` and uses no key mask, so the padding
 does not change its output.
 
+Cheaper guidance, both off by default: `cfg_end` runs guidance only on the first fraction of the steps (one forward
+per step after it), and CFG-Zero* (Fan et al. 2025, arXiv 2503.18886) scales the unconditional velocity by the
+optimised `s* = <v_cond, v_uncond> / |v_uncond|²` per sample and zeroes the velocity of the first steps (no
+forward there at all).
+
 Two experts (ARCH_FACTS §4.9): the high-noise expert runs while `σ·1000 ≥ boundary_t` (875 for T2V, 900 for I2V),
 the low-noise expert below; both continue the same solver state.
 """
@@ -74,11 +79,13 @@ class ClassifierFreeGuidance:
     """Guided velocity for one sampling run; the prompts are checked, broadcast and padded once.
 
     positive, negative: a context [B or 1, L, D] or a list of `Prompt`s each (negative None: no guidance, every
-        scale must be 1). batched: all passes in one forward (default) or one forward per pass.
+        scale must be 1). batched: all passes in one forward (default) or one forward per pass. zero_star: combine
+        with CFG-Zero*'s optimised scale, `s*·v_uncond + g·(v_cond − s*·v_uncond)`.
     """
 
-    def __init__(self, positive, negative, batch: int, batched: bool = True):
+    def __init__(self, positive, negative, batch: int, batched: bool = True, zero_star: bool = False):
         self.batched = batched
+        self.zero_star = zero_star  # CFG-Zero*: the unconditional velocity scaled by `optimized_scale`
         self.batch = batch
         self.positive = prompts("positive", positive, batch)
         self.negative = None if negative is None else prompts("negative", negative, batch)
@@ -130,7 +137,23 @@ class ClassifierFreeGuidance:
             return v_cond
         v_uncond = _weighted_mean([(o, p.weight) for o, (side, p) in zip(outputs, passes) if side == "uncond"])
         self.last = (v_cond, v_uncond)
+        if self.zero_star:
+            v_uncond = optimized_scale(v_cond, v_uncond) * v_uncond
         return v_uncond + scale * (v_cond - v_uncond)
+
+
+def optimized_scale(v_cond: torch.Tensor, v_uncond: torch.Tensor) -> torch.Tensor:
+    """CFG-Zero*'s s* = <v_cond, v_uncond> / (|v_uncond|² + 1e-8) per sample, shaped [B, 1, ...] to broadcast: the
+    scale of v_uncond closest to v_cond in the least-squares sense."""
+    B = v_cond.shape[0]
+    dot = (v_cond.reshape(B, -1) * v_uncond.reshape(B, -1)).sum(dim=1)
+    norm = v_uncond.reshape(B, -1).square().sum(dim=1) + 1e-8
+    return (dot / norm).reshape(B, *[1] * (v_cond.ndim - 1))
+
+
+def guided_step(step: int, steps: int, cfg_end: float) -> bool:
+    """Whether step `step` of `steps` still runs guidance with `cfg_end` (the fraction of the steps that do)."""
+    return cfg_end >= 1.0 or step < cfg_end * steps
 
 
 def _repeated(conditions: dict, n: int) -> dict:
@@ -180,7 +203,9 @@ def expert_step_counts(sigmas: torch.Tensor, boundary_t: float) -> tuple[int, in
 class Guider:
     """The velocity of one step: the step's expert (the high-noise model, or the low-noise one below
     `boundary_t`), its guidance scale and the guidance passes; `extra_channels` [B, C_extra, T, H, W] (Wan I2V's
-    image channels) are appended to the latent's channels of every pass of both experts."""
+    image channels) are appended to the latent's channels of every pass of both experts. `cfg_end`: guidance
+    only on that fraction of the steps (then the cond pass alone); `zero_steps`: the first steps' velocity is 0
+    (CFG-Zero*'s zero-init, no forward)."""
     model: ModelHandle
     cfg: ClassifierFreeGuidance
     scales: list[float]
@@ -189,6 +214,8 @@ class Guider:
     boundary_t: float = 875.0
     extra_channels: torch.Tensor | None = None
     conditions: dict = field(default_factory=dict)  # the model's keyword inputs (image tokens, VACE contexts)
+    cfg_end: float = 1.0
+    zero_steps: int = 0
 
     def expert(self, sigma: float) -> tuple[ModelHandle, bool]:
         """The model of a step at `sigma`, and whether it is the high-noise one."""
@@ -196,8 +223,13 @@ class Guider:
         return (self.model if high else self.low_noise_model), high
 
     def velocity(self, x: torch.Tensor, timestep: torch.Tensor, call: ModelCall) -> torch.Tensor:
+        if call.step < self.zero_steps:
+            self.cfg.last = None
+            return torch.zeros_like(x)
         model, high = self.expert(call.sigma)
         scale = self.scales[call.step] if high else self.low_scales[call.step]
+        if not guided_step(call.step, call.steps, self.cfg_end):
+            scale = 1.0
         if self.extra_channels is not None:
             x = torch.cat([x, self.extra_channels], dim=1)
         return self.cfg.velocity(model, x, timestep, scale, call, **self.conditions)

@@ -204,7 +204,8 @@ def run_sampling(model, latent: torch.Tensor, sigmas: torch.Tensor, positive, ne
                  denoise: float = 1.0, add_noise: bool = True, batched_cfg: bool = True,
                  extra_channels: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None,
                  vace: Sequence[tuple[torch.Tensor, float]] = (), callback: Callback | None = None,
-                 interrupt: Callable[[], None] | None = None, device: torch.device | str | None = None) -> Sampled:
+                 interrupt: Callable[[], None] | None = None, device: torch.device | str | None = None,
+                 cfg_end: float = 1.0, cfg_zero_star: bool = False, zero_init_steps: int = 0) -> Sampled:
     """Denoise `latent` along `sigmas`.
 
     model: a `sora.handle.ModelHandle`, or a model `model(x, timestep, context) -> v` with `config.latent_format`
@@ -236,6 +237,10 @@ def run_sampling(model, latent: torch.Tensor, sigmas: torch.Tensor, positive, ne
     interrupt: called before every step; it raises sora.errors.Interrupted to stop the run, which then releases
         every tensor it made.
     device: where to compute; default the model's parameters' device, else the latent's.
+    cfg_end: the fraction of the steps that run guidance; after it one forward per step (cond only). 1 = all.
+    cfg_zero_star: combine the passes with CFG-Zero*'s optimised scale (`sora.guidance.optimized_scale`).
+    zero_init_steps: the first steps whose velocity is zero (CFG-Zero*'s zero-init; no forward on them).
+    Model wrappers with an `end_run(finished)` method (a step cache) are told when the run ends.
     """
     high = as_handle(model)
     low = None if low_noise_model is None else as_handle(low_noise_model)
@@ -246,6 +251,10 @@ def run_sampling(model, latent: torch.Tensor, sigmas: torch.Tensor, positive, ne
     if not isinstance(latent, torch.Tensor) or latent.ndim != 5 or latent.shape[1] != fmt.channels:
         got = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
         raise InputError(f"the latent must be [B, {fmt.channels}, T, H, W] for a {fmt.name} model, got {got}")
+    if not 0.0 <= cfg_end <= 1.0:
+        raise InputError(f"cfg_end must be a fraction of the steps in [0, 1], got {cfg_end}")
+    if not isinstance(zero_init_steps, int) or zero_init_steps < 0:
+        raise InputError(f"zero_init_steps must be a whole number of steps, 0 or more; got {zero_init_steps!r}")
     sigmas = check_sigmas(sigmas)
     steps = max(len(sigmas) - 1, 0)
     scales = guidance_scales(guidance, steps)
@@ -263,14 +272,15 @@ def run_sampling(model, latent: torch.Tensor, sigmas: torch.Tensor, positive, ne
     known = None
     if noise_mask is not None:
         known = KnownFrames(prepare_mask(noise_mask, raw.shape).to(device), start, noise, per_token)
-    cfg = ClassifierFreeGuidance(positive, negative, raw.shape[0], batched_cfg).to(device)
+    cfg = ClassifierFreeGuidance(positive, negative, raw.shape[0], batched_cfg, zero_star=cfg_zero_star).to(device)
     conditions = {}
     if image_tokens is not None:
         conditions["image"] = image_tokens.to(device, torch.float32).expand(raw.shape[0], -1, -1)
     if vace:
         conditions["vace"] = [(c.to(device, torch.float32).expand(raw.shape[0], -1, -1, -1, -1), float(s))
                               for c, s in vace]
-    guider = Guider(high, cfg, scales, low, low_scales, boundary_t, _image_channels(extra_channels, raw), conditions)
+    guider = Guider(high, cfg, scales, low, low_scales, boundary_t, _image_channels(extra_channels, raw), conditions,
+                    cfg_end=cfg_end, zero_steps=zero_init_steps)
     manager = memory.get_manager()
 
     def velocity(x: torch.Tensor, timestep: torch.Tensor, call: ModelCall) -> torch.Tensor:
@@ -282,12 +292,28 @@ def run_sampling(model, latent: torch.Tensor, sigmas: torch.Tensor, positive, ne
         before=(lambda i: interrupt()) if interrupt is not None else None,
         after=(lambda i, x0: callback(i + 1, total, fmt.denormalize(x0))) if callback is not None else None)
     initial = noise if add_noise else torch.zeros_like(noise)
-    if isinstance(sampler, str):
-        x, x0 = solve(make_solver(sampler, sigmas, seed), velocity, initial, start, known, hooks)
-    else:
-        x, x0 = solve_with(sampler, velocity, initial, start, sigmas, known, hooks, lambda: cfg.last)
+    finished = False
+    try:
+        if isinstance(sampler, str):
+            x, x0 = solve(make_solver(sampler, sigmas, seed), velocity, initial, start, known, hooks)
+        else:
+            x, x0 = solve_with(sampler, velocity, initial, start, sigmas, known, hooks, lambda: cfg.last)
+        finished = True
+    finally:
+        _end_run([high] if low is None else [high, low], finished)
     return Sampled(finish(x, sigmas[-1], fmt, raw, known).to(latent.device),
                    finish(x0, 0.0, fmt, raw, known).to(latent.device))
+
+
+def _end_run(handles: list[ModelHandle], finished: bool) -> None:
+    """Tell each wrapper of the run's models that has an `end_run` (a step cache reports and forgets its state)."""
+    told = set()
+    for handle in handles:
+        for wrapper in handle.wrappers:
+            end_run = getattr(wrapper, "end_run", None)
+            if end_run is not None and id(wrapper) not in told:
+                told.add(id(wrapper))
+                end_run(finished)
 
 
 def _image_channels(extra: torch.Tensor | None, raw: torch.Tensor) -> torch.Tensor | None:
