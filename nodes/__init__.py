@@ -11,7 +11,8 @@ log = logging.getLogger(__name__)
 
 # Each module exports NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS.
 NODE_MODULES: tuple[str, ...] = ("loaders", "lora", "clip_vision", "text_encode", "prompt_expansion", "sampling",
-                                 "frame_conditioning", "vace", "vae_codec", "media", "memory_options", "speed")
+                                 "frame_conditioning", "vace", "vae_codec", "media", "memory_options", "parallel",
+                                 "speed")
 
 CATEGORY = "sora"  # root of our category tree in the node menu
 

@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,27 @@ from .rope import apply_rope, rope_table
 
 # runs the block stack: blocks(run, tokens, e, e0) -> tokens, `run` being the plain loop (see `WanDiT.forward`)
 BlockStack = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# self-attention over the whole sequence when each process holds a share of it: attend(q, k, v, key_counts=, backend=)
+SelfAttend = Callable[..., torch.Tensor]
+
+
+class TokenShard(Protocol):
+    """This process's share of the token sequence, for sequence parallelism (`sora.parallel.SequenceShard`):
+    `WanDiT.forward(sequence=...)` runs the blocks and the head on the share and gathers the output once."""
+
+    def local(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """[B, L, ...] -> [B, L_local, ...]: this share of dim 1, the sequence padded with `fill` to split evenly."""
+
+    def key_counts(self, counts: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Key multiplicities [B, L_padded] of the whole padded sequence of `tokens` [B, L, dim] (0 on padding),
+        from `counts` [B, L] or None."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_counts: torch.Tensor | None,
+               backend: str) -> torch.Tensor:
+        """Self-attention of the local queries [B, L_local, heads, d] to the keys of every share."""
+
+    def gather(self, x: torch.Tensor, length: int) -> torch.Tensor:
+        """[B, L_local, C] of every share -> [B, length, C], the padding dropped."""
 
 MODEL_TYPES = ("t2v", "i2v", "ti2v", "flf2v")
 WAN_PATCH = (1, 2, 2)  # (frames, rows, cols) per token in every released Wan DiT
@@ -177,17 +199,18 @@ class Attention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, source: torch.Tensor, rotations: torch.Tensor | None = None,
-                key_counts: torch.Tensor | None = None) -> torch.Tensor:
+                key_counts: torch.Tensor | None = None, attend: SelfAttend | None = None) -> torch.Tensor:
         """x [B, L, dim] attends to source [B, S, dim].
 
-        rotations [B or 1, L, head_dim/2] for self-attention (RoPE); key_counts [B, S] as in `sora.attention`.
+        rotations [B or 1, L, head_dim/2] for self-attention (RoPE); key_counts [B, S] as in `sora.attention`;
+        attend: computes the attention instead of `sora.attention.attention` (sequence parallelism).
         """
         q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, -1))  # [B, L, heads, head_dim]
         k = self.norm_k(self.k(source)).unflatten(2, (self.num_heads, -1))  # [B, S, heads, head_dim]
         v = self.v(source).unflatten(2, (self.num_heads, -1))
         if rotations is not None:
             q, k = apply_rope(q, rotations), apply_rope(k, rotations)
-        out = attention(q, k, v, key_counts=key_counts, backend=self.backend)
+        out = (attend or attention)(q, k, v, key_counts=key_counts, backend=self.backend)
         return self.o(out.flatten(2))
 
 
@@ -238,19 +261,21 @@ class WanBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_counts: torch.Tensor | None,
                 e0: torch.Tensor, t_index: torch.Tensor, rotations: torch.Tensor,
-                token_counts: torch.Tensor | None, image: torch.Tensor | None = None) -> torch.Tensor:
+                token_counts: torch.Tensor | None, image: torch.Tensor | None = None,
+                attend: SelfAttend | None = None) -> torch.Tensor:
         """x [B, L, dim] float32 -> same.
 
         context [B, S, dim] embedded text rows and context_counts [B, S] their multiplicities (see
         `WanDiT._embed_context`); e0 [U, 6, dim] projected embeddings of the U distinct timesteps; t_index
         [B, 1 or L] which of them each sample or token has; rotations [B or 1, L, head_dim/2]; token_counts
-        [B, L] 1 for real tokens, 0 for padding (None: no padding); image [B, N, dim] embedded image tokens.
+        [B, L] 1 for real tokens, 0 for padding (None: no padding); image [B, N, dim] embedded image tokens;
+        attend: the self-attention's kernel when the sequence is split across processes (`TokenShard.attend`).
         """
         # [U, 6, dim]: shift, scale, gate (attention), shift, scale, gate (FFN)
         mod = ops.patched(self, "modulation") + e0
         shift, scale, gate = (mod[:, i][t_index] for i in range(3))  # each [B, 1 or L, dim]
         h = torch.addcmul(shift, _layer_norm(x, self.eps), 1 + scale)
-        x = torch.addcmul(x, self.self_attn(h, h, rotations, token_counts).float(), gate)
+        x = torch.addcmul(x, self.self_attn(h, h, rotations, token_counts, attend).float(), gate)
 
         x = x + self.cross_attn(self.norm3(x), context, key_counts=context_counts, image=image).float()
 
@@ -431,7 +456,8 @@ class WanDiT(nn.Module):
 
     def forward(self, x: torch.Tensor | list[torch.Tensor], timestep: torch.Tensor, context: torch.Tensor, *,
                 image: torch.Tensor | None = None, vace: Sequence[tuple[torch.Tensor, float]] = (),
-                blocks: BlockStack | None = None) -> torch.Tensor | list[torch.Tensor]:
+                blocks: BlockStack | None = None, sequence: TokenShard | None = None
+                ) -> torch.Tensor | list[torch.Tensor]:
         """Velocity v = noise - x0 for a batch of normalised latents.
 
         x: [B, in_dim, T, H, W], or a list of B latents [in_dim, T_i, H_i, W_i] of different sizes (they are run
@@ -446,6 +472,8 @@ class WanDiT(nn.Module):
            hints are summed.
         blocks: runs the block stack instead of the plain loop, as `blocks(run, tokens, e, e0)` with `run(tokens)`
            the loop itself and e [U, dim], e0 [U, 6, dim] the time embeddings (a step cache plugs in here).
+        sequence: this process's share of the tokens (sequence parallelism, `sora.parallel`): the blocks and the
+           head run on it, self-attention through `sequence.attend`, and the output is gathered once at the end.
         Returns float32 [B, out_dim, T, H, W] (a list of [out_dim, T_i, H_i, W_i] for list input).
         """
         samples = list(x) if isinstance(x, (list, tuple)) else None
@@ -473,19 +501,26 @@ class WanDiT(nn.Module):
         context, context_counts = self._embed_context(context.to(device), B)  # [B, S, dim], [B, S]
         image_tokens = self._embed_image(image, B, device)  # [B, N, dim] or None
         hints = self._vace_hints(vace, samples, x, tokens, B)  # VACE context tokens, strengths
+        attend = None
+        if sequence is not None:  # from here on this process holds its share of the tokens: [B, L_local, ...]
+            token_counts = sequence.key_counts(token_counts, tokens)  # the keys are the whole padded sequence
+            tokens, hints = sequence.local(tokens), [(sequence.local(c), s) for c, s in hints]
+            rotations = sequence.local(rotations, fill=1.0)  # padding is never rotated
+            t_index = sequence.local(t_index) if t_index.shape[1] == L else t_index
+            attend = sequence.attend
 
         def run(tokens: torch.Tensor) -> torch.Tensor:
             state = [c for c, _ in hints]  # VACE: each context's current tokens, run beside the main blocks
             embedded = tokens if hints else None  # VACE: the noisy latent's tokens before any block
             for i, block in enumerate(self.blocks):
                 args = (context, context_counts, e0, t_index, rotations, token_counts, image_tokens)
-                tokens = block(tokens, *args)
+                tokens = block(tokens, *args, attend=attend)
                 if i in self._vace_index:
                     vace_block = self.vace_blocks[self._vace_index[i]]
                     for n, (_, strength) in enumerate(hints):
                         if self._vace_index[i] == 0:  # the first VACE block starts from the noisy latent's tokens
                             state[n] = vace_block.before_proj(state[n]).float() + embedded
-                        state[n] = vace_block(state[n], *args)
+                        state[n] = vace_block(state[n], *args, attend=attend)
                         tokens = tokens + vace_block.after_proj(state[n]).float() * strength
             return tokens
 
@@ -493,6 +528,8 @@ class WanDiT(nn.Module):
         del tokens
         tokens = run(given.pop()) if blocks is None else blocks(run, given.pop(), e, e0)
         out = self.head(tokens, e, t_index)  # [B, L, prod(patch)·out_dim]
+        if sequence is not None:
+            out = sequence.gather(out, L)  # [B, L_local, ...] of every process -> [B, L, ...]
         if samples is None:
             return self._unpatchify(out, grids[0])
         return [self._unpatchify(out[i:i + 1, :math.prod(g)], g)[0] for i, g in enumerate(grids)]

@@ -14,6 +14,8 @@ manager places them once for everyone. What a graph does to the model lives on a
   tokens, VACE contexts, `blocks` for a block-stack hook; see `sora.dit.WanDiT.forward`).
 - `memory`: Sora Memory Options for this model (a budget while it runs, blocks kept resident), applied by the
   memory manager on every call.
+- `runner`: where the model itself runs: None in this process; `sora.parallel` sets one that runs each call on a
+  group of processes (several devices) with this handle's patches, after the wrappers ran here.
 
 Handles are frozen: `patched`, `wrapped` and `with_memory` return new ones and leave the old one as it was, so
 cloning is cheap and a node never changes its input. The contract for code that extends a handle is in
@@ -50,6 +52,7 @@ class ModelCall:
 
 
 Forward = Callable[..., torch.Tensor]  # (x, timestep, context, call, **conditions) -> velocity
+Runner = Callable[..., torch.Tensor]  # (handle, x, timestep, context, call, **conditions) -> velocity
 
 
 class ForwardWrapper(Protocol):
@@ -91,6 +94,7 @@ class ModelHandle:
     patches: tuple[WeightPatch, ...] = ()
     wrappers: tuple[ForwardWrapper, ...] = ()
     memory: MemorySettings = MemorySettings()
+    runner: Runner | None = None
     _devices: dict = field(default_factory=dict, repr=False, compare=False)  # device -> patch table (see _table)
 
     def __post_init__(self):
@@ -147,6 +151,11 @@ class ModelHandle:
         """A handle with other memory settings (`MemorySettings` fields)."""
         return dataclasses.replace(self, memory=dataclasses.replace(self.memory, **settings), _devices={})
 
+    def run_on(self, runner: Runner | None) -> ModelHandle:
+        """A handle whose model calls go to `runner(handle, x, timestep, context, call, **conditions)` instead of
+        the model in this process (None: back to this process); wrappers still run here."""
+        return dataclasses.replace(self, runner=runner, _devices={})
+
     # -- running ---------------------------------------------------------------------------------------------------
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
@@ -159,6 +168,8 @@ class ModelHandle:
         return forward(x, timestep, context, call, **conditions)
 
     def _forward(self, x, timestep, context, call, **conditions):
+        if self.runner is not None:
+            return self.runner(self, x, timestep, context, call, **conditions)
         with self.placed(x, timestep, context), \
                 ops.installed(self.model, self._table()) if self.patches else contextlib.nullcontext():
             return self.model(x, timestep, context, **conditions)
