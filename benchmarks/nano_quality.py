@@ -1,6 +1,7 @@
 """Does the embedded nano model follow its prompt, and does an extension carry the motion on?
 
     python benchmarks/nano_quality.py [--threads 1] [--out DIR] [--dit FILE] [--only paraphrase|calibrate]
+    python benchmarks/nano_quality.py --lora sora/nano/weights/nano_black_lora.safetensors
 
 Text-to-video: every colour with every direction (32 prompt/seed pairs, captions worded by the data generator with
 the shapes, sizes, speeds and backgrounds it draws), at the nano defaults (64x64, 33 frames, 20 UniPC steps,
@@ -17,6 +18,10 @@ prompts encoded as typed (cut to the DiT's 32 text tokens) are the comparison. `
 (a few minutes on 2 cores); `--only calibrate` prints the similarity threshold sweep on the development set
 tests/data/nano_dev_paraphrases.json (text level, no generation), where `recaption.THRESHOLDS` come from.
 
+`--lora FILE` scores a nano LoRA instead: the text-to-video prompts above with the base model and with the LoRA at
+strength 1 side by side, and the share of 16 prompts asking for the LoRA's trigger colour in which the judge reads
+it, at strengths 1 and 0; last line `nano_lora: rate_with=R rate_without=R0 color_drop=C motion_drop=M`.
+
 Prints one verdict per run, the image-to-video direction accuracy, the paraphrase lines
 `paraphrase[PART]: ...`, `paraphrase verbatim: ...` and `paraphrase: color_acc=C motion_acc=M n=N`, the time of
 each stage of one default generation, and last the line
@@ -25,6 +30,7 @@ each stage of one default generation, and last the line
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -121,6 +127,43 @@ def calibrate() -> None:
             print(f"  {key:<10} {value:.2f}: right {right}/{named}, false guesses {false}/{len(items) - named}")
 
 
+def text_to_video(pipe: NanoPipeline, label: str, out: Path | None) -> tuple[float, float]:
+    """The 32 colour x direction prompts; returns (colour accuracy, direction accuracy)."""
+    color_hits = motion_hits = 0
+    for i, (color, direction, caption, seed) in enumerate(cases()):
+        video = pipe.decode(pipe.text_to_latent([caption], seed))[0]
+        verdict = judge.judge_video(video)
+        color_hits += verdict.color == color
+        motion_hits += verdict.direction == direction
+        write(out, f"{label}_t2v_{i:02d}", video)
+    n = len(cases())
+    print(f"  {label}: color_acc={color_hits / n:.2f} motion_acc={motion_hits / n:.2f} n={n}")
+    return color_hits / n, motion_hits / n
+
+
+def lora_quality(pipe: NanoPipeline, file: Path, out: Path | None) -> None:
+    """A nano LoRA against the base model: the usual prompts, and its trigger colour at strengths 1 and 0."""
+    from sora.checkpoints import read_metadata
+    from sora.handle import ModelHandle
+    from sora.lora import apply_lora, read_lora
+    from sora.nano import train_lora
+
+    trigger = read_metadata(file).get("sora.trigger")
+    if trigger not in vocab.EXTRA_COLORS:
+        raise SystemExit(f"{file} names no nano trigger colour (sora.trigger: {trigger!r})")
+    lora, base = read_lora(file), ModelHandle(pipe.dit, "nano_dit")
+    with_lora = {s: dataclasses.replace(pipe, dit=base.patched(*apply_lora(lora, pipe.dit, s).patches))
+                 for s in (1.0, 0.0)}
+    print(f"{file.name} (trigger {trigger!r}), text-to-video (64x64, 33 frames):")
+    color, motion = text_to_video(pipe, "base", out)
+    color_lora, motion_lora = text_to_video(with_lora[1.0], "lora", out)
+    rate_with = train_lora.new_color_rate(with_lora[1.0], trigger)
+    rate_without = train_lora.new_color_rate(with_lora[0.0], trigger)
+    print(f"  {trigger} read in {rate_with:.2f} of 16 prompts at strength 1, {rate_without:.2f} at strength 0")
+    print(f"nano_lora: rate_with={rate_with:.2f} rate_without={rate_without:.2f} "
+          f"color_drop={color - color_lora:.2f} motion_drop={motion - motion_lora:.2f}")
+
+
 def write(out: Path | None, name: str, video: torch.Tensor) -> None:
     if out is not None:
         from sora.video_io import write_mp4
@@ -135,6 +178,7 @@ def main() -> None:
     parser.add_argument("--dit", type=Path, default=None, help="score this nano DiT file instead of the shipped one")
     parser.add_argument("--only", choices=["paraphrase", "calibrate"], default=None,
                         help="run only the held-out paraphrases, or only the threshold sweep on the development set")
+    parser.add_argument("--lora", type=Path, default=None, help="score this nano LoRA against the base model")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,6 +193,9 @@ def main() -> None:
     load_s = time.perf_counter() - started
     if args.only == "paraphrase":
         paraphrases(pipe, args.out)
+        return
+    if args.lora is not None:
+        lora_quality(pipe, args.lora, args.out)
         return
     timings: dict[str, list[float]] = {"encode prompt": [], "sample (20 steps, CFG)": [], "VAE decode": []}
 

@@ -13,9 +13,10 @@ import logging
 from ._common import about, category, mappings
 from ._handles import DIT
 from ._sora import sora
-from .loaders import PATH_TOOLTIP, validate_file
+from .loaders import PATH_TOOLTIP, _choices, _source, validate_file
 
 log = logging.getLogger(__name__)
+NANO_LORA = "nano black (embedded)"  # the shipped nano LoRA: teaches the nano model the colour black
 UNMATCHED_SHOWN = 20  # unmatched keys listed on the node (all of them go to the log)
 
 
@@ -34,8 +35,9 @@ class SoraLoraLoader:
             "required": {
                 "model": (DIT, {"tooltip": "The diffusion model (or the expert of the Wan 2.2 A14B pair) the LoRA "
                                            "was made for."}),
-                "lora_name": (sora.runtime.model_files("loras") or [""], {
-                    "tooltip": "A LoRA file in the loras folder."}),
+                "lora_name": (_choices(NANO_LORA, "loras"), {
+                    "tooltip": "A LoRA file in the loras folder, or the embedded nano LoRA (for the nano model: "
+                               "it adds the colour black, as in 'a black circle moving up')."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                                        "tooltip": "How strongly the LoRA applies: 1 as trained, 0 not at all, "
                                                   "negative values push the other way."}),
@@ -45,12 +47,12 @@ class SoraLoraLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, lora_name, path=""):
-        return validate_file("loras", lora_name, path, embedded=None)
+        return validate_file("loras", lora_name, path, embedded=NANO_LORA)
 
     def load(self, model, lora_name, strength, path=""):
-        node, typed = type(self), bool(path.strip())
-        with about(node, "path" if typed else "lora_name"):
-            file = sora.runtime.model_path("loras", path.strip() if typed else lora_name, typed=typed)
+        node = type(self)
+        file = _source(node, "loras", "lora_name", lora_name, path, NANO_LORA, sora.nano.lora_path)
+        with about(node, "path" if path.strip() else "lora_name"):
             lora = sora.model_cache.load(sora.lora.read_lora, file)
             applied = sora.lora.apply_lora(lora, model.model, strength, name=file.name)
         report = applied.summary(file.name)

@@ -168,6 +168,15 @@ def test_tables_first_read_is_not_a_guess(encoder):
     assert result.caption == "a red circle moving to the right on a dark background"
 
 
+def test_a_lora_taught_colour_before_the_shape_is_kept_with_a_note(encoder):
+    result = rc.recaption_nano("a big black cube drifting upward on a gray floor", encoder=encoder)
+    assert result.attributes.color == "black" and result.findings["color"].how == "read"
+    assert result.caption.startswith("a large black square") and "nano black" in result.notes[0]
+    # "black" elsewhere still names the background, and the object's colour is then found as before
+    backdrop = rc.recaption_nano("a crimson orb drifting to the east on a black background", encoder=encoder)
+    assert backdrop.attributes.color == "red" and backdrop.attributes.background == "dark"
+
+
 def test_a_text_encoder_other_than_minilm_is_refused():
     class UMT5:
         name = "umt5-xxl"

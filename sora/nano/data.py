@@ -59,7 +59,7 @@ class Clip:
 
 def contrast(color: str, background: str) -> float:
     """Euclidean RGB distance (0..1 channels) between a vocabulary colour and a background."""
-    a, b = vocab.COLORS[color], vocab.BACKGROUNDS[background]
+    a, b = vocab.ALL_COLORS[color], vocab.BACKGROUNDS[background]
     return sum((x - y) ** 2 for x, y in zip(a, b)) ** 0.5
 
 
@@ -69,11 +69,12 @@ def check_frames(frames: int) -> None:
         raise InputError(f"frames={frames} is not of the form 1 + 4k; use {lower} or {lower + 4}")
 
 
-def _pick(rng: random.Random, table: dict, pinned: str | None, what: str) -> str:
+def _pick(rng: random.Random, table: dict, pinned: str | None, what: str, extra: dict | None = None) -> str:
+    """`pinned` (a key of `table` or `extra`), or a key of `table` drawn with `rng` when it is None."""
     if pinned is None:
         return rng.choice(sorted(table))
-    if pinned not in table:
-        raise InputError(f"unknown {what} {pinned!r}; choose one of {', '.join(sorted(table))}")
+    if pinned not in table and pinned not in (extra or {}):
+        raise InputError(f"unknown {what} {pinned!r}; choose one of {', '.join(sorted([*table, *(extra or {})]))}")
     return pinned
 
 
@@ -88,8 +89,9 @@ def _start_along(rng: random.Random, length: float, radius: float, travel: float
 def sample_scene(rng: random.Random, frames: int, height: int, width: int, *, color: str | None = None,
                  shape: str | None = None, size: str | None = None, background: str | None = None,
                  direction: str | None = None, speed: str | None = None) -> Scene:
-    """Draw a scene; pinned attributes are kept, the others drawn from the vocabulary."""
-    color = _pick(rng, vocab.COLORS, color, "colour")
+    """Draw a scene; pinned attributes are kept, the others drawn from the vocabulary. A colour of
+    `vocab.EXTRA_COLORS` is drawn only when pinned."""
+    color = _pick(rng, vocab.COLORS, color, "colour", vocab.EXTRA_COLORS)
     shape = _pick(rng, vocab.SHAPES, shape, "shape")
     size = _pick(rng, vocab.SIZES, size, "size")
     direction = _pick(rng, vocab.DIRECTIONS, direction, "direction")
@@ -158,7 +160,7 @@ def render(scene: Scene, frames: int, height: int, width: int) -> torch.Tensor:
     xs = (torch.arange(width, dtype=torch.float32) + 0.5).view(1, 1, width)
     ys = (torch.arange(height, dtype=torch.float32) + 0.5).view(1, height, 1)
     coverage = (0.5 - _signed_distance(scene.shape, xs - cx, ys - cy, scene.radius)).clamp(0, 1)  # [F, H, W]
-    fg = torch.tensor(vocab.COLORS[scene.color], dtype=torch.float32).view(3, 1, 1, 1)
+    fg = torch.tensor(vocab.ALL_COLORS[scene.color], dtype=torch.float32).view(3, 1, 1, 1)
     bg = torch.tensor(vocab.BACKGROUNDS[scene.background], dtype=torch.float32).view(3, 1, 1, 1)
     rgb = bg + (fg - bg) * coverage.unsqueeze(0)  # [3, F, H, W] in 0..1
     return rgb * 2 - 1
@@ -173,8 +175,8 @@ def object_pixels(clip: Clip) -> torch.Tensor:
 def make_clip(seed: int, frames: int = 33, height: int = 64, width: int = 64, **pinned: str) -> Clip:
     """The clip of `seed`: video [3, F, H, W] in -1..1 with its caption and scene.
 
-    `pinned` fixes attributes by name (color, shape, size, background, direction, speed); the rest come from
-    the seed. The same arguments always give the same clip.
+    `pinned` fixes attributes by name (color, shape, size, background, direction, speed; color may also be one of
+    `vocab.EXTRA_COLORS`); the rest come from the seed. The same arguments always give the same clip.
     """
     check_frames(frames)
     if height < 16 or width < 16:

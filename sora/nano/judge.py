@@ -1,8 +1,9 @@
 """The nano judge: which vocabulary colour the object in a clip has, and which way it moves.
 
 It reads a video the way a person would, with no model: the background is the colour most pixels have, the
-object is whatever differs from it, its colour is the nearest vocabulary colour to its core pixels, and its
-direction is the dominant axis of a straight line fitted to the object's centroid track.
+object is whatever differs from it, its colour is the nearest vocabulary colour to its core pixels (the eight of
+`vocabulary.COLORS` and the LoRA-taught ones of `vocabulary.EXTRA_COLORS`), and its direction is the dominant
+axis of a straight line fitted to the object's centroid track.
 """
 from __future__ import annotations
 
@@ -80,8 +81,8 @@ def name_color(rgb: torch.Tensor, mask: torch.Tensor, background: torch.Tensor) 
     distance = (pixels - background).norm(dim=1)
     core = pixels[distance >= distance.median()]
     color = core.median(dim=0).values
-    names = list(vocab.COLORS)
-    palette = torch.tensor([vocab.COLORS[n] for n in names])
+    names = list(vocab.ALL_COLORS)
+    palette = torch.tensor([vocab.ALL_COLORS[n] for n in names])
     d = (palette - color).norm(dim=1)
     nearest, second = d.topk(2, largest=False).values.tolist()
     return names[int(d.argmin())], (second - nearest) / (second + nearest)

@@ -508,6 +508,19 @@ def _colour_slot(words: list[_Word], shape: _Match | None) -> list[int]:
     return sorted(set(slots))
 
 
+def _extra_colour(words: list[_Word], shape: _Match | None) -> _Match | None:
+    """A colour of `vocab.EXTRA_COLORS` (one a LoRA teaches, e.g. "black") just before the shape noun."""
+    if shape is None:
+        return None
+    i = shape.start - 1
+    sizes = {p for p, _ in _tables()["size"]} | {p for p, _ in _tables()["speed"]}
+    while i >= 0 and words[i].text in sizes:
+        i -= 1
+    if i >= 0 and words[i].text in vocab.EXTRA_COLORS:
+        return _Match(words[i].text, i, i + 1, [words[i]])
+    return None
+
+
 def _slot_colour(words: list[_Word], slots: list[int], encoder, threshold: float
                  ) -> tuple[_Guess | None, _Guess | None]:
     """The best colour guess for the slot words (None below `threshold`, or where a generic word is nearer), and
@@ -573,6 +586,8 @@ def recaption_nano(prompt: str, *, seed: int = 0, encoder=None, guess: bool = Tr
     text, background = _normalise(prompt)
     words = _split(text, forms=guess)
     found = _read(words)
+    if "color" not in found and (extra := _extra_colour(words, found.get("shape"))) is not None:
+        found["color"] = extra
     rejected: list[_Guess] = []
     open_concepts = {c for c in GUESSED if c not in found}
     if guess and open_concepts and _candidates(words, _known_words()):
@@ -615,6 +630,9 @@ def recaption_nano(prompt: str, *, seed: int = 0, encoder=None, guess: bool = Tr
     values = {c: f.value for c, f in findings.items()}
     attributes = pe.NanoAttributes(**values)
     notes = []
+    if attributes.color in vocab.EXTRA_COLORS:
+        notes.append(f"'{attributes.color}' is not one of the nano model's eight colours; it makes it with the "
+                     f"embedded LoRA \"nano {attributes.color}\" (Sora Load LoRA)")
     for concept in ("color", "shape", "direction", "speed", "size"):
         f = findings.get(concept)
         if f is not None and f.how == "guessed":

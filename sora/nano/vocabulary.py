@@ -16,6 +16,15 @@ COLORS: dict[str, tuple[float, float, float]] = {
     "cyan": (0.10, 0.85, 0.90),
     "white": (0.95, 0.95, 0.95),
 }
+# Colours the shipped DiT was not trained on, taught by LoRAs (weights/MODEL_CARD.md). The generator never draws
+# them: it renders one when a caller pins it by name. The judge reads them with COLORS. Black is the dark
+# background's colour, at least 0.75 in RGB from every colour above (the closest pair there, red and orange, is
+# 0.46). (Magenta cannot be one: the shipped nano VAE decodes it, like every hue it was not trained on, as one of
+# the eight.)
+EXTRA_COLORS: dict[str, tuple[float, float, float]] = {
+    "black": (0.06, 0.06, 0.08),
+}
+ALL_COLORS: dict[str, tuple[float, float, float]] = {**COLORS, **EXTRA_COLORS}
 
 # background name -> RGB, and the caption phrases for it
 BACKGROUNDS: dict[str, tuple[float, float, float]] = {
