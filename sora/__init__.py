@@ -8,10 +8,16 @@ import importlib
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    try:
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"{__name__}.{name}":
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-        raise
+def lazy_submodules(package: str):
+    """A module `__getattr__` for `package` that imports its submodule `name` on first use."""
+    def __getattr__(name: str):
+        try:
+            return importlib.import_module(f"{package}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{package}.{name}":
+                raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+            raise
+    return __getattr__
+
+
+__getattr__ = lazy_submodules(__name__)

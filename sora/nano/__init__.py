@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import lazy_submodules
 from ..checkpoints import read_metadata
 from ..errors import CheckpointError
 from ..latent_formats import LatentFormat
@@ -80,12 +81,4 @@ def shipped_latent_format() -> LatentFormat:
     return latent_format_from_metadata(read_metadata(vae_path()))
 
 
-def __getattr__(name: str):
-    """Submodules load on first use (`sora.nano.recaption`, `sora.nano.judge`, ...), as in the `sora` package."""
-    import importlib
-    try:
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"{__name__}.{name}":
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-        raise
+__getattr__ = lazy_submodules(__name__)  # `sora.nano.recaption`, `sora.nano.judge`, ... load on first use
