@@ -75,6 +75,15 @@ class Server:
         body = head.encode() + path.read_bytes() + tail.encode()
         return self.post("/upload/image", body, f"multipart/form-data; boundary={boundary}")
 
+    def refused(self, prompt: dict) -> dict:
+        """POST an API-format prompt the server must refuse at validation (400); its JSON answer."""
+        request = urllib.request.Request(self.url + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 400
+        return json.loads(refused.value.read())
+
     def run(self, prompt: dict, client_id: str | None = None) -> dict:
         """Queue an API-format prompt with a client_id and wait for its history entry."""
         queued = self.post("/prompt", json.dumps({"prompt": prompt, "client_id": client_id or uuid.uuid4().hex})
@@ -225,11 +234,12 @@ def test_a_node_error_reaches_the_client_with_the_node_and_input(server):
     prompt = shrunk("wan21_t2v_1.3B", {})
     empty = next(i for i, n in prompt.items() if n["class_type"] == "SoraEmptyLatentVideo")
     prompt[empty]["inputs"]["frames"] = 30
-    entry = server.run(prompt)
-    assert entry["status"]["status_str"] == "error"
-    errors = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
-    assert errors[0]["node_id"] == empty
-    assert errors[0]["exception_message"].startswith("Sora Empty Latent Video: input 'frames' = 30 is not 1+4k")
+    outputs_before = sorted(p for p in (server.base / "output").rglob("*") if p.is_file())
+    body = server.refused(prompt)  # at validation, before any model loads
+    errors = body["node_errors"][empty]["errors"]
+    assert body["node_errors"][empty]["class_type"] == "SoraEmptyLatentVideo"
+    assert all("input 'frames': 30 is not 1+4k" in e["details"] for e in errors), errors
+    assert sorted(p for p in (server.base / "output").rglob("*") if p.is_file()) == outputs_before
 
 
 def test_cancel_stops_sampling_between_steps(server):
@@ -337,11 +347,7 @@ def test_a_client_cannot_make_the_server_read_outside_its_folders(server, tmp_pa
         prompt = {"1": {"class_type": "SoraLoadImage", "inputs": {"image": name, "width": 0, "height": 0}},
                   "2": {"class_type": "SoraSaveVideo", "inputs": {"frames": ["1", 0], "fps": 16.0, "crf": 19,
                                                                    "filename_prefix": "stolen"}}}
-        request = urllib.request.Request(server.url + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=60)
-        body = json.loads(refused.value.read())
+        body = server.refused(prompt)
         errors = body["node_errors"]["1"]["errors"]
         assert errors[0]["extra_info"]["input_name"] == "image", body
         assert "outside ComfyUI's input folder" in errors[0]["details"], body
