@@ -90,6 +90,9 @@ def _unsupported(qtype: int, name: str | None) -> CheckpointError:
 # dequantisation: each _q* function fills float32 `out` [n, block_size] from uint8 `blocks` [n, type_size]
 # ----------------------------------------------------------------------------------------------------------------
 
+CPU_CHUNK_BLOCKS = 8192  # blocks dequantised at a time on the CPU (2M values: 8 MB of float32 intermediates)
+
+
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     """The fp16 field at byte `start` of every block, as float32 [n, 1]."""
     return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
@@ -117,8 +120,8 @@ def _nibbles(x: torch.Tensor) -> torch.Tensor:
 
 def _fields(x: torch.Tensor, bits: int) -> torch.Tensor:
     """[..., k] uint8 -> [..., 8 // bits, k]: field s holds bits [s·bits, (s+1)·bits) of each byte."""
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=x.device).view(-1, 1)
-    out = x.unsqueeze(-2) >> shifts
+    # one scalar shift per field, stacked: a broadcast tensor-by-tensor shift is not vectorised on the CPU (2.3x)
+    out = torch.stack([x >> s for s in range(0, 8, bits)], dim=-2)
     return out.bitwise_and_((1 << bits) - 1)
 
 
@@ -235,9 +238,9 @@ def dequantize(data: torch.Tensor, qtype: int | str, shape: Sequence[int], dtype
                name: str | None = None) -> torch.Tensor:
     """The tensor of torch `shape` stored as ggml `qtype` blocks in `data` (uint8, any shape, any device).
 
-    Computed in float32 on data's device, then cast to `dtype`; equal bit for bit to gguf-py's numpy
-    `gguf.quants.dequantize`. F32/F16/BF16 results may share memory with `data`. `name` (the tensor's)
-    appears in errors.
+    Computed in float32 on data's device (on the CPU a chunk of blocks at a time), then cast to `dtype`; equal bit
+    for bit to gguf-py's numpy `gguf.quants.dequantize`. F32/F16/BF16 results may share memory with `data`. `name`
+    (the tensor's) appears in errors.
     """
     qtype = _type_id(qtype)
     shape = torch.Size(shape)
@@ -259,9 +262,19 @@ def dequantize(data: torch.Tensor, qtype: int | str, shape: Sequence[int], dtype
     if numel == 0:
         return torch.empty(shape, dtype=dtype, device=data.device)
     blocks = data.reshape(-1, t.type_size)  # [n, type_size]
-    out = torch.empty((blocks.shape[0], t.block_size), dtype=torch.float32, device=data.device)
-    _BLOCK_DEQUANT[qtype](blocks, out)
-    return out.view(shape).to(dtype)
+    n = blocks.shape[0]
+    out = torch.empty((n, t.block_size), dtype=dtype, device=data.device)
+    # On the CPU a chunk at a time, so that the float32 intermediates stay in the cache (twice as fast for a 14M
+    # value tensor here); on a GPU in one go (one kernel per step).
+    chunk = min(n, CPU_CHUNK_BLOCKS) if data.device.type == "cpu" else n
+    work = out if dtype == torch.float32 else torch.empty((chunk, t.block_size), dtype=torch.float32,
+                                                              device=data.device)
+    for i in range(0, n, chunk):
+        part = out[i:i + chunk] if work is out else work[:min(chunk, n - i)]
+        _BLOCK_DEQUANT[qtype](blocks[i:i + chunk], part)
+        if work is not out:
+            out[i:i + chunk].copy_(part)
+    return out.view(shape)
 
 
 def row_bytes(qtype: int | str, elements: int) -> int:
