@@ -489,7 +489,7 @@ class WorkerGroup:
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
         self._connection, theirs = ctx.Pipe()
-        with _host_script_hidden():
+        with _workers_main():
             self._context, self._folder = _start(self.devices, _serve_pipe, (theirs,))
         theirs.close()
         self._sent, self._sources, self._released = {}, set(), set()
@@ -567,19 +567,35 @@ class WorkerGroup:
 
 
 @contextlib.contextmanager
-def _host_script_hidden():
-    """Spawned processes first re-run the parent's main script when it was started as one (ComfyUI's main.py,
-    which would parse arguments and run prestartup scripts); the workers' code lives in this module, so they are
-    started without it."""
+def _workers_main():
+    """What spawned workers run first. They re-run the parent's main script when it was started as one (ComfyUI's
+    main.py, which would parse arguments and run prestartup scripts): they run `sora/worker_main.py` instead, which
+    makes the pack importable under the name ComfyUI gave it (its folder's path) when that is this package's
+    name, so that the pickled worker code loads."""
     main = sys.modules.get("__main__")
     script = None
     if main is not None and getattr(main, "__spec__", None) is None:
         script = main.__dict__.pop("__file__", None)
+    pack = __name__.removesuffix(".sora.parallel_launch")
+    environment = {}
+    if pack != __name__:  # imported as `<pack>.sora` (ComfyUI): workers need that name
+        environment = {"SORA_PACK_MODULE": pack, "SORA_PACK_FOLDER": str(Path(__file__).resolve().parent.parent)}
+        if main is not None:
+            main.__file__ = str(Path(__file__).with_name("worker_main.py"))
+    previous = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
     try:
         yield
     finally:
-        if script is not None:
-            main.__file__ = script
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            if script is not None:
+                main.__file__ = script
 
 
 _groups: dict[tuple[torch.device, ...], WorkerGroup] = {}

@@ -200,6 +200,35 @@ def test_each_api_workflow_executes_through_post_prompt(server, name, tmp_path):
     assert probe(tmp_path / "clip.mp4") == EXPECTED[name]
 
 
+def test_sora_parallel_samples_on_two_worker_processes_with_the_same_frames(server, tmp_path):
+    """nano_t2v with Sora Parallel (cpu,cpu) before the sampler: the workers start from inside the server, the
+    clip equals the one-process clip."""
+    from sora.video_io import read_video
+    frames = {}
+    for parallel in (False, True):
+        prompt = shrunk("nano_t2v", {})
+        ids = {node["class_type"]: node_id for node_id, node in prompt.items()}
+        prompt[ids["SoraScheduler"]]["inputs"]["steps"] = 4
+        prompt[ids["SoraEmptyLatentVideo"]]["inputs"]["frames"] = 9
+        prompt[ids["SoraSaveVideo"]]["inputs"].update(filename_prefix=f"sora/parallel_{parallel}", crf=0)
+        if parallel:
+            prompt["100"] = {"class_type": "SoraParallel", "inputs": {"model": [ids["SoraModelLoader"], 0],
+                                                                      "devices": "cpu,cpu", "mode": "auto"}}
+            prompt[ids["SoraSampler"]]["inputs"]["model"] = ["100", 0]
+        entry = server.run(prompt)
+        errors = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
+        assert entry["status"]["status_str"] == "success", [(e["exception_message"], e["traceback"][-3:])
+                                                            for e in errors]
+        (saved,) = [out for out in entry["outputs"].values() if "animated" in out]
+        file = saved["images"][0]
+        query = urllib.parse.urlencode({"filename": file["filename"], "subfolder": file["subfolder"],
+                                        "type": "output"})
+        (tmp_path / f"{parallel}.mp4").write_bytes(server.get(f"/view?{query}"))
+        frames[parallel] = read_video(tmp_path / f"{parallel}.mp4").frames
+    assert frames[True].shape == frames[False].shape == (9, 64, 64, 3)
+    assert (frames[True] - frames[False]).abs().max() <= 1 / 255
+
+
 def test_progress_and_previews_reach_the_client(server):
     websocket = pytest.importorskip("websocket")  # websocket-client, to listen like the editor does
     client_id = uuid.uuid4().hex
