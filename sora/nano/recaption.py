@@ -6,9 +6,11 @@ found in up to three passes, and the result says which pass found it:
 1. read: the hand-written tables of `sora.prompt_expansion` (synonyms, the vocabulary's own phrases, colour
    names by hue) with a little grammar over them ("from east to west", "away from the left edge").
 2. guessed: word forms ("reddish", "plunges"), misspellings ("rigth"), colour mixtures ("blue-green" -> cyan),
-   then, for colour, shape and direction still open, the nearest table phrase in the MiniLM embedding space when
-   the cosine similarity of the pooled embeddings reaches the concept's threshold (`THRESHOLDS`, calibrated on
-   tests/data/nano_dev_paraphrases.json; the held-out tests/data/nano_paraphrases.json is never used to tune).
+   a colour name from the published list of `sora.color_names` where English puts the colour ("a paprika ball":
+   red by its hue), then, for colour, shape and direction still open, the nearest table phrase in the MiniLM
+   embedding space when the cosine similarity of the pooled embeddings reaches the concept's threshold
+   (`THRESHOLDS`, calibrated on tests/data/nano_dev_paraphrases.json; the held-out tests/data/nano_paraphrases.json
+   is never used to tune).
 3. seed: colour, shape and direction are in every training caption, so one still open is drawn from the seed.
 
 Every guess and every seeded pick gets a note. MiniLM is needed only in pass 2's similarity step, that is when a
@@ -18,6 +20,7 @@ the prompt's length: it is built from vocabulary phrases only.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import random
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .. import color_names
 from .. import prompt_expansion as pe
 from ..errors import InputError
 from . import vocabulary as vocab
@@ -67,7 +71,7 @@ ABSORBERS = ("camera", "lighting", "cinematic", "render", "style", "photograph",
              "space", "people", "text", "breeze", "water")
 
 PLACE_DIRECTION = {"left": "left", "west": "left", "right": "right", "east": "right", "top": "up", "north": "up",
-                   "bottom": "down", "south": "down"}
+                   "roof": "up", "sky": "up", "bottom": "down", "south": "down", "ground": "down"}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 _DET = r"(?:(?:the|a|an|its)\s+)?"
 _PLACE_NOUN = r"(?:\s+hand)?(?:\s+(?:edge|side|border|margin|corner|end|wall|part|half|area))?"
@@ -521,6 +525,23 @@ def _extra_colour(words: list[_Word], shape: _Match | None) -> _Match | None:
     return None
 
 
+def _named_colour(words: list[_Word], shape: _Match | None) -> _Match | None:
+    """A word where English puts the colour that the published colour-name list knows ("cardinal", "carrot"
+    as in "carrot orange"), read as the nano colour of its hue (the majority of its names); None where no word is
+    in the list, or its names are greys or disagree."""
+    for i in _colour_slot(words, shape):
+        entries = color_names.named_colors(words[i].text)
+        votes = collections.Counter(None if name.endswith(("grey", "gray", "black"))
+                                    else pe.nearest_nano_color(tuple(c / 255 for c in rgb)) for name, rgb in entries)
+        value, count = votes.most_common(1)[0] if votes else (None, 0)
+        if value is None or 2 * count <= len(entries):  # a grey, or no majority ("steel blue", "steel gray")
+            continue
+        names = ", ".join(f"'{name}' #{r:02x}{g:02x}{b:02x}" for name, (r, g, b) in entries[:3])
+        rewrite = _Rewrite(words[i].text, f"colour name {names} in the Name that Color list")
+        return _Match(value, i, i + 1, [_Word(value, rewrite)])
+    return None
+
+
 def _slot_colour(words: list[_Word], slots: list[int], encoder, threshold: float
                  ) -> tuple[_Guess | None, _Guess | None]:
     """The best colour guess for the slot words (None below `threshold`, or where a generic word is nearer), and
@@ -588,6 +609,8 @@ def recaption_nano(prompt: str, *, seed: int = 0, encoder=None, guess: bool = Tr
     found = _read(words)
     if "color" not in found and (extra := _extra_colour(words, found.get("shape"))) is not None:
         found["color"] = extra
+    if guess and "color" not in found and (named := _named_colour(words, found.get("shape"))) is not None:
+        found["color"] = named
     rejected: list[_Guess] = []
     open_concepts = {c for c in GUESSED if c not in found}
     if guess and open_concepts and _candidates(words, _known_words()):
