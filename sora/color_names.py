@@ -9,6 +9,9 @@ pearl") or a modifier ("bright", "dark") names none: there the word is the thing
 from __future__ import annotations
 
 import functools
+import logging
+
+log = logging.getLogger(__name__)
 
 RGB = tuple[int, int, int]
 
@@ -20,7 +23,12 @@ MODIFIERS = frozenset("bright dark deep light pale vivid soft hot electric neon 
 
 @functools.cache
 def _names() -> dict[str, RGB]:
-    import colornames  # pycolornames: its table of name -> (r, g, b), names capitalised
+    try:
+        import colornames  # pycolornames: its table of name -> (r, g, b), names capitalised
+    except ImportError:
+        log.warning("colour names are not read: the package pycolornames is missing (pip install pycolornames, or "
+                    "pip install -r requirements.txt in this pack's folder)")
+        return {}
     return {name.lower(): tuple(rgb) for name, rgb in colornames._colors.items()}
 
 

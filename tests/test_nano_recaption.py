@@ -2,6 +2,7 @@
 then the seed; measured at text level on the held-out paraphrases (tests/data/nano_paraphrases.json), whose unseen
 phrases must never enter the tables."""
 import itertools
+import sys
 import json
 from pathlib import Path
 
@@ -241,3 +242,14 @@ def test_caption_stays_short_whatever_the_prompt(encoder):
     prompt += "where a cardinal pebble drifts heavenward"
     caption = rc.recaption_nano(prompt, encoder=encoder).caption
     assert len(tokenizer(caption)["input_ids"]) <= 20
+
+
+def test_without_the_colour_name_package_recaption_still_runs(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "colornames", None)  # import colornames -> ImportError
+    color_names._names.cache_clear()
+    try:
+        assert color_names.named_colors("paprika") == []
+        assert "pycolornames" in caplog.text
+        assert rc.recaption_nano("a red paprika cube moving up", encoder=NoEncoder()).attributes.color == "red"
+    finally:
+        color_names._names.cache_clear()
