@@ -8,20 +8,25 @@ Per ggml type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K):
 - dequantisation of a [4096, 4096] weight with `sora.gguf.dequantize` (torch, float32 out), in GB/s of output,
   after a warm-up, the median of the repeats; and whether it equals gguf-py's numpy `dequantize` bit for bit (blocks
   from gguf-py's quantiser where it has one, random valid blocks for the K-quants);
-- the forward time of a Wan 2.1 1.3B-shaped DiT (its widths, 2 of 30 blocks, 1,560 tokens) whose block Linears are
-  stored in that type (loaded through `load_dit` from a GGUF file written in city96's layout), against the same
-  model loaded from bf16 safetensors, both computing in bf16 on the CPU: back-to-back pairs, the median ratio;
+- the forward time of a Wan 2.1 1.3B-shaped DiT (its widths, 2 of 30 blocks) whose block Linears are stored in
+  that type (loaded through `load_dit` from a GGUF file written in city96's layout), against the same model loaded
+  from bf16 safetensors, both computing in bf16 on the CPU: back-to-back pairs, the median ratio, at two clip sizes:
+  17 frames at 192x416 (1,560 tokens) and 17 frames at 480x832 (7,800 tokens; 480p is the 1.3B's own resolution,
+  and its 81-frame clips have 32,760 tokens). Dequantisation costs the
+  same per forward whatever the clip, the products grow with the tokens: the ratio falls as the clip grows;
   and its output against its dequantised twin run in float32 through the safetensors path (max relative error).
 
 Resident bytes: a Wan 2.1 T2V 14B built on the meta device (no memory) with its block Linears quantised, against
 the same model in bf16; city96's Q4_K_M mix (v and ffn.2 in Q6_K) is printed too.
 
 Last line: `gguf: types=N bitexact=yes|no max_rel_err=E slowdown=S resident=R` (S: the worst forward-time ratio
-GGUF / bf16 over the K-quants; R: resident bytes of the all-Q4_K 14B / its bf16 size).
+GGUF / bf16 over the K-quants and both clip sizes, the line before gives the worst per size; R: resident bytes of
+the all-Q4_K 14B / its bf16 size).
 """
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import sys
 import tempfile
@@ -58,7 +63,8 @@ from sora.standins import random_k_blocks
 from sora.streaming import module_bytes
 
 CONFIG = DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=2)
-LATENT = (1, 16, 5, 24, 52)  # 1,560 tokens
+# clip -> latent [B, C, F, H, W]: 17 frames -> 5 latent frames, 8x spatial VAE, 2x2 patches
+LATENTS = {"192x416": (1, 16, 5, 24, 52), "480x832": (1, 16, 5, 60, 104)}  # 1,560 and 7,800 tokens
 BLOCK_LINEAR = (".self_attn.q.", ".self_attn.k.", ".self_attn.v.", ".self_attn.o.", ".cross_attn.q.",
                 ".cross_attn.k.", ".cross_attn.v.", ".cross_attn.o.", ".ffn.0.", ".ffn.2.")
 K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -137,6 +143,16 @@ def resident_ratio(mix: dict[str, int]) -> float:
     return module_bytes(quantised) / module_bytes(bf16)
 
 
+def cpu() -> str:
+    """The CPU's model name and whether it has AMX: bf16 products run several times faster in AMX tiles, which
+    leaves dequantisation a larger share of the forward (one Intel machine with AMX here: Q6_K 1.77 at 1,560 tokens;
+    an AMD one without: 1.14)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor() or "unknown CPU")
+    return f"{name}, {'AMX' if 'amx_bf16' in info else 'no AMX'}, {torch.get_num_threads()} threads"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -149,25 +165,31 @@ def main() -> None:
     torch.nn.init.normal_(base.head.head.weight, std=0.02)
     state = base.state_dict()
     gen = torch.Generator().manual_seed(1)
-    x, t, ctx = torch.randn(*LATENT, generator=gen), torch.tensor([600.0]), torch.randn(1, 64, 4096, generator=gen)
+    xs = {clip: torch.randn(*shape, generator=gen) for clip, shape in LATENTS.items()}
+    t, ctx = torch.tensor([600.0]), torch.randn(1, 64, 4096, generator=gen)
+    x = xs["192x416"]
 
+    print(f"cpu: {cpu()}")
     folder = Path(tempfile.mkdtemp(prefix="sora_gguf_bench_"))
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, str(folder / "bf16.safetensors"))
     bf16 = load_dit(folder / "bf16.safetensors", compute_dtype=torch.bfloat16)
-    print(f"{'type':<6} {'dequant GB/s':>12} {'bit-exact':>9} {'forward / bf16':>15} {'max_rel_err':>12}", flush=True)
-    exact_all, errors, slowdowns = True, [], {}
+    forward = "".join(f" {'fwd/bf16 ' + clip:>17}" for clip in LATENTS)
+    print(f"{'type':<6} {'dequant GB/s':>12} {'bit-exact':>9}{forward} {'max_rel_err':>12}", flush=True)
+    exact_all, errors, slowdowns = True, [], {clip: {} for clip in LATENTS}
     with torch.no_grad():
         for qtype, info in GGML_TYPES.items():
             speed, exact = dequant_speed(qtype, args.repeats)
             exact_all &= exact
-            ratio = error = float("nan")
+            ratios, error = {clip: float("nan") for clip in LATENTS}, float("nan")
             if info.name not in ("F32", "F16", "BF16"):
                 twin_state = write_gguf(folder / f"{info.name}.gguf", state, qtype)
                 quantised = load_dit(folder / f"{info.name}.gguf", compute_dtype=torch.bfloat16)
-                quantised(x, t, ctx), bf16(x, t, ctx)  # warm-up
-                ratio = paired(lambda: bf16(x, t, ctx), lambda model=quantised: model(x, t, ctx), args.repeats)
-                if info.name in K_QUANTS:
-                    slowdowns[info.name] = ratio
+                for clip, xc in xs.items():
+                    quantised(xc, t, ctx), bf16(xc, t, ctx)  # warm-up
+                    ratios[clip] = paired(lambda xc=xc: bf16(xc, t, ctx),
+                                          lambda xc=xc, model=quantised: model(xc, t, ctx), args.repeats)
+                    if info.name in K_QUANTS:
+                        slowdowns[clip][info.name] = ratios[clip]
                 exact32 = load_dit(folder / f"{info.name}.gguf", compute_dtype=torch.float32)
                 save_file({k: v.contiguous() for k, v in twin_state.items()}, str(folder / "twin.safetensors"))
                 twin = load_dit(folder / "twin.safetensors", compute_dtype=torch.float32)
@@ -175,17 +197,19 @@ def main() -> None:
                 error = float((exact32(x, t, ctx) - expected).abs().max() / expected.abs().max())
                 errors.append(error)
                 del quantised, exact32, twin
-            print(f"{info.name:<6} {speed:>12.2f} {'yes' if exact else 'NO':>9} {ratio:>15.3f} {error:>12.2e}",
-                  flush=True)
+            row = "".join(f" {ratios[clip]:>17.3f}" for clip in LATENTS)
+            print(f"{info.name:<6} {speed:>12.2f} {'yes' if exact else 'NO':>9}{row} {error:>12.2e}", flush=True)
     q4_k = resident_ratio({m.strip("."): 12 for m in BLOCK_LINEAR})
     q4_k_m = resident_ratio({**{m.strip("."): 12 for m in BLOCK_LINEAR}, "self_attn.v": 14, "cross_attn.v": 14,
                              "ffn.2": 14})
     print(f"\nWan 2.1 T2V 14B resident bytes / bf16: all-Q4_K {q4_k:.3f}, Q4_K_M mix {q4_k_m:.3f}")
-    worst = max(slowdowns, key=slowdowns.get)
-    print(f"worst K-quant forward / bf16: {worst} {slowdowns[worst]:.3f} (1.3B-shaped, 2 blocks, "
-          f"{LATENT[2] * LATENT[3] * LATENT[4] // 4} tokens, bf16 compute on the CPU)")
+    worst = {clip: max(s, key=s.get) for clip, s in slowdowns.items()}
+    print("worst K-quant forward / bf16 (1.3B-shaped, 2 blocks, bf16 compute on the CPU, 17 frames): " + ", ".join(
+        f"{clip} ({shape[2] * shape[3] * shape[4] // 4} tokens) {worst[clip]} {slowdowns[clip][worst[clip]]:.3f}"
+        for clip, shape in LATENTS.items()))
+    slowdown = max(s[worst[clip]] for clip, s in slowdowns.items())
     print(f"gguf: types={len(GGML_TYPES)} bitexact={'yes' if exact_all else 'no'} max_rel_err={max(errors):.2e} "
-          f"slowdown={slowdowns[worst]:.3f} resident={q4_k:.3f}")
+          f"slowdown={slowdown:.3f} resident={q4_k:.3f}")
 
 
 if __name__ == "__main__":
