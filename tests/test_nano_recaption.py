@@ -2,8 +2,8 @@
 then the seed; measured at text level on the held-out paraphrases (tests/data/nano_paraphrases.json), whose unseen
 phrases must never enter the tables."""
 import itertools
-import sys
 import json
+import sys
 from pathlib import Path
 
 import pytest
