@@ -2,7 +2,7 @@
 """GGUF weights: dequantisation speed and exactness per type, a DiT's forward time from GGUF against bf16, and the
 memory a quantised 14B model holds.
 
-    python benchmarks/gguf.py [--repeats 5] [--threads N]
+    python benchmarks/gguf.py [--repeats 5] [--threads N]   # about 20 minutes with --repeats 3 on 2 CPU cores
 
 Per ggml type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K):
 - dequantisation of a [4096, 4096] weight with `sora.gguf.dequantize` (torch, float32 out), in GB/s of output,
