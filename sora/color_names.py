@@ -17,6 +17,8 @@ RGB = tuple[int, int, int]
 
 # Second words of two-word names that say which colour the first word is.
 BASIC_TERMS = frozenset("red orange yellow green blue cyan teal purple violet pink white black grey gray brown".split())
+# Basic terms that are no hue: a name ending in one is a grey ("steel gray", "slate gray").
+GREYS = frozenset("black grey gray".split())
 # Words that shade a colour without naming one ("bright red", "deep teal", "dark blue").
 MODIFIERS = frozenset("bright dark deep light pale vivid soft hot electric neon dull dusty medium rich strong".split())
 

@@ -531,7 +531,7 @@ def _named_colour(words: list[_Word], shape: _Match | None) -> _Match | None:
     in the list, or its names are greys or disagree."""
     for i in _colour_slot(words, shape):
         entries = color_names.named_colors(words[i].text)
-        votes = collections.Counter(None if name.endswith(("grey", "gray", "black"))
+        votes = collections.Counter(None if name.split()[-1] in color_names.GREYS
                                     else pe.nearest_nano_color(tuple(c / 255 for c in rgb)) for name, rgb in entries)
         value, count = votes.most_common(1)[0] if votes else (None, 0)
         if value is None or 2 * count <= len(entries):  # a grey, or no majority ("steel blue", "steel gray")
