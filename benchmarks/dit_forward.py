@@ -1,6 +1,7 @@
 """Forward speed and memory of our Wan DiT against diffusers' `WanTransformer3DModel` on the same weights and inputs.
 
     python benchmarks/dit_forward.py [--repeats 7] [--threads N] [--device cpu|cuda] [--dtype float32|bf16]
+                                     [--attention sdpa|matmul|...]
 
 Float32 on the CPU (CUDA when present, unless --device says otherwise). Both models share one set of random
 weights: diffusers' state dict is renamed with our conversion table and assigned into ours. For every config the
@@ -13,6 +14,9 @@ forward's own peak shows).
 
 The last line reads `dit_forward: max_ratio=R max_rel_err=E` (R: the largest ratio ours / diffusers over the
 configs; E: the largest max |ours - diffusers| / max |diffusers|).
+
+`--attention` picks our attention backend (`sora.attention`; default sdpa, which diffusers uses too); `matmul` is
+the CPU path that runs the scores through plain bf16 products (its scores are rounded to bf16 once more).
 
 `--dtype bf16`: bf16 weights and compute on both sides (see `build`), plus a 3,510-token config, 256 to 3,510
 tokens in all. The weights are rounded to bf16 first, so a float32 run of diffusers on the same values is the exact
@@ -40,7 +44,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
+from machine import cpu as cpu_name
 
+from sora.attention import BACKENDS
 from sora.checkpoints import load_into
 from sora.dit import DiTConfig, WanDiT, convert_diffusers
 
@@ -68,7 +74,8 @@ CASES_BF16 = [*CASES, Case("1.3B-shaped 2L", WAN21_1_3B_2L, (16, 9, 30, 52))]
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build(config: DiTConfig, device: torch.device, dtype: torch.dtype = torch.float32):
+def build(config: DiTConfig, device: torch.device, dtype: torch.dtype = torch.float32,
+          attention: str = "sdpa"):
     """(ours, diffusers, float32 diffusers or None): models on one set of random weights, in `dtype`.
 
     Below float32 the weights are first rounded to `dtype`, so that the float32 reference holds exactly the
@@ -90,7 +97,7 @@ def build(config: DiTConfig, device: torch.device, dtype: torch.dtype = torch.fl
     with torch.device("meta"):
         ours = WanDiT(config)
     load_into(ours, {k: v.to(dtype) for k, v in convert_diffusers(ref.state_dict()).items()}, what="Wan DiT")
-    ours.set_compute(dtype=dtype)
+    ours.set_compute(dtype=dtype, attention=attention)
     if dtype == torch.float32:
         return ours.eval(), ref, None
     with tempfile.TemporaryDirectory() as folder:
@@ -113,9 +120,9 @@ def inputs(case: Case, device: torch.device):
     return x.to(device), t.to(device), context.to(device)
 
 
-def forwards(case: Case, device: torch.device, dtype: torch.dtype):
+def forwards(case: Case, device: torch.device, dtype: torch.dtype, attention: str):
     """(run ours, run diffusers, run the float32 reference or None), each returning a float32 velocity."""
-    ours, ref, reference = build(case.config, device, dtype)
+    ours, ref, reference = build(case.config, device, dtype, attention)
     ours.to(device)
     x, t, context = inputs(case, device)
     padded = F.pad(context, (0, 0, 0, case.config.text_len - context.shape[1]))  # diffusers' pipeline pads
@@ -173,8 +180,8 @@ def _status_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())[1])
 
 
-def run_case(case: Case, device: torch.device, repeats: int, dtype: torch.dtype) -> dict:
-    run_ours, run_ref, run_reference = forwards(case, device, dtype)
+def run_case(case: Case, device: torch.device, repeats: int, dtype: torch.dtype, attention: str) -> dict:
+    run_ours, run_ref, run_reference = forwards(case, device, dtype, attention)
     times = {"ours": [], "diffusers": []}
     with torch.no_grad():
         out, expected = run_ours(), run_ref()  # warm-up
@@ -198,8 +205,9 @@ def _rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
     return ((out - expected).abs().max() / expected.abs().max()).item()
 
 
-def measure_memory(case: Case, device: torch.device, meter: PeakMemory, dtype: torch.dtype) -> tuple[float, float]:
-    run_ours, run_ref, _ = forwards(case, device, dtype)
+def measure_memory(case: Case, device: torch.device, meter: PeakMemory, dtype: torch.dtype, attention: str
+                   ) -> tuple[float, float]:
+    run_ours, run_ref, _ = forwards(case, device, dtype, attention)
     with torch.no_grad():
         run_ours(), run_ref()  # warm-up: one-time buffers (kernels, RoPE tables) are not peaks
         return meter.measure(run_ours), meter.measure(run_ref)
@@ -211,18 +219,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and compute of both models")
+    parser.add_argument("--attention", choices=BACKENDS, default="sdpa", help="our attention backend")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cases = CASES if dtype == torch.float32 else CASES_BF16
-    print(f"device {device}, {args.dtype}, {torch.get_num_threads()} CPU threads, medians of {args.repeats} runs, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(f"device {device} ({where}), {args.dtype}, our attention {args.attention}, {torch.get_num_threads()} CPU "
+          f"threads, medians of {args.repeats} runs, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
-    results = [run_case(case, device, args.repeats, dtype) for case in cases]
+    results = [run_case(case, device, args.repeats, dtype, args.attention) for case in cases]
     meter = PeakMemory(device)  # after the timings: the fixed mmap threshold slows allocation-heavy code
     for case, result in zip(cases, results):
-        result["mem_ours"], result["mem_diffusers"] = measure_memory(case, device, meter, dtype)
+        result["mem_ours"], result["mem_diffusers"] = measure_memory(case, device, meter, dtype, args.attention)
 
     errors = "" if dtype == torch.float32 else f"{'err ours':>10}{'err diffusers':>15}"
     header = f"{'config':<30}{'tokens':>7}{'ours ms':>11}{'diffusers ms':>14}{'ratio':>7}" \

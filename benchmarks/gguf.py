@@ -26,7 +26,6 @@ the all-Q4_K 14B / its bf16 size).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -50,6 +49,8 @@ if __name__ == "gguf":
     finally:
         sys.path[:] = _saved
 else:  # run as the benchmark: the gguf package must not resolve to this file either
+    import machine  # (benchmarks/machine.py, imported while this folder is still on the path)
+
     sys.path[:] = _without_this_folder(sys.path)
 import gguf
 import numpy as np
@@ -143,16 +144,6 @@ def resident_ratio(mix: dict[str, int]) -> float:
     return module_bytes(quantised) / module_bytes(bf16)
 
 
-def cpu() -> str:
-    """The CPU's model name and whether it has AMX: bf16 products run several times faster in AMX tiles, which
-    leaves dequantisation a larger share of the forward (one Intel machine with AMX here: Q6_K 1.77 at 1,560 tokens;
-    an AMD one without: 1.14)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.processor() or "unknown CPU")
-    return f"{name}, {'AMX' if 'amx_bf16' in info else 'no AMX'}, {torch.get_num_threads()} threads"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -169,7 +160,7 @@ def main() -> None:
     t, ctx = torch.tensor([600.0]), torch.randn(1, 64, 4096, generator=gen)
     x = xs["192x416"]
 
-    print(f"cpu: {cpu()}")
+    print(f"cpu: {machine.cpu()}")
     folder = Path(tempfile.mkdtemp(prefix="sora_gguf_bench_"))
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, str(folder / "bf16.safetensors"))
     bf16 = load_dit(folder / "bf16.safetensors", compute_dtype=torch.bfloat16)

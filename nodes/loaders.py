@@ -103,8 +103,9 @@ class SoraModelLoader:
                                "CPU."}),
                 "attention": (list(sora.attention.BACKENDS), {
                     "default": "sdpa",
-                    "tooltip": "Attention kernel. sdpa works everywhere; flash_attn and sageattn need their "
-                               "package and a CUDA GPU."}),
+                    "tooltip": "Attention kernel. sdpa works everywhere; matmul is faster for bf16 on the CPU "
+                               "(plain matrix products in chunks; float32 runs sdpa); flash_attn and sageattn need "
+                               "their package and a CUDA GPU."}),
                 "expert": ([AUTO_EXPERT, *sora.handle.EXPERTS], {
                     "default": AUTO_EXPERT,
                     "tooltip": "Wan 2.2 A14B ships two experts with identical tensors: 'high noise' runs the early "

@@ -271,15 +271,15 @@ def package_present(monkeypatch):
 @pytest.mark.parametrize("backend", ["flash_attn", "sageattn"])
 def test_an_installed_kernel_without_a_gpu_says_so(monkeypatch, package_present, backend):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert available_backends() == ["sdpa"]
+    assert available_backends() == ["sdpa", "matmul"]
     with pytest.raises(InputError, match=rf"attention backend '{backend}' is not available: it needs a CUDA GPU "
-                                         r"and none is available\. Available here: \['sdpa'\]"):
+                                         r"and none is available\. Available here: \['sdpa', 'matmul'\]"):
         check_backend(backend)
 
 
 def test_a_kernel_asked_for_cpu_tensors_names_the_device_and_the_way_out(monkeypatch, package_present):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert available_backends() == ["sdpa", "flash_attn", "sageattn"]
+    assert available_backends() == ["sdpa", "matmul", "flash_attn", "sageattn"]
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(InputError, match=r"'flash_attn' runs on CUDA only; the model is on cpu\. "
                                          r"Use attention='sdpa' on this device"):
@@ -341,7 +341,7 @@ def test_every_available_backend_matches_sdpa_on_the_device(device):
     generator = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 512, 4, 128, generator=generator) for _ in range(3))
     expected = attention(q, k, v)
-    backends = [b for b in available_backends() if device.type == "cuda" or b == "sdpa"]
+    backends = [b for b in available_backends() if device.type == "cuda" or b in ("sdpa", "matmul")]
     for backend in backends:
         out = attention(*(t.to(device, torch.bfloat16) for t in (q, k, v)), backend=backend)
         tol = 4 * torch.finfo(torch.bfloat16).eps * (8 if backend == "sageattn" else 1)

@@ -133,3 +133,88 @@ def test_16_bit_multiplicities_stay_in_16_bits_in_the_flash_kernel(monkeypatch):
     ops = {event.key for event in prof.key_averages()}
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
     assert not any("math" in op for op in ops)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# "matmul": query chunks through plain matrix products (the CPU bf16 path)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Lq, Lk", [(1, 4), (7, 101), (300, 257)])
+def test_matmul_backend_in_16_bits_equals_float32(dtype, Lq, Lk):
+    """Tolerance 4·eps, as for SDPA above: here the scores are rounded to 16 bits too (relative u on logits of
+    about 1 to 4 here: at most 2·eps on a softmax weight), which leaves the output's error a weighted mean of
+    independent roundings, still well under 4·eps of the largest output."""
+    q, k, v, _ = sample(Lq, Lk, dtype)
+    out = attention(q, k, v, backend="matmul")
+    expected = softmax_attention(q, k, v)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert (out.double() - expected).abs().max() <= 4 * torch.finfo(dtype).eps * expected.abs().max()
+
+
+def test_matmul_backend_holds_one_chunk_of_scores_at_a_time(monkeypatch):
+    """With room for 40 query rows of scores, 300 queries run in 8 chunks, none larger, with the same result."""
+    q, k, v, _ = sample(300, 257, torch.bfloat16)
+    whole = attention(q, k, v, backend="matmul")
+    rows = 40
+    monkeypatch.setattr(attention_module, "CHUNK_BYTES", 2 * 3 * 257 * 2 * rows)  # batch x heads x keys x bf16
+    matmul, shapes = torch.matmul, []
+
+    def spy(a, b):
+        out = matmul(a, b)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(attention_module.torch, "matmul", spy)
+    chunked = attention(q, k, v, backend="matmul")
+    scores = [s for s in shapes if s[-1] == 257]
+    assert len(scores) == 8 and max(s[2] for s in scores) == rows
+    assert torch.equal(chunked, whole)  # each query row's products and softmax do not depend on the chunking
+
+
+def test_matmul_backend_hands_float32_and_counted_keys_to_sdpa():
+    """Float32 (SDPA is the faster there) and counted keys (their log-count bias needs float32 scores): exactly
+    SDPA's result."""
+    q, k, v, counts = sample(70, 101, torch.float32)
+    assert torch.equal(attention(q, k, v, backend="matmul"), attention(q, k, v))
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v, counts = sample(70, 101, dtype)
+        assert torch.equal(attention(q, k, v, key_counts=counts, backend="matmul"),
+                           attention(q, k, v, key_counts=counts))
+
+
+def test_matmul_backend_is_always_available_and_opt_in():
+    """Available everywhere, off by default; a bf16 DiT on it gives SDPA's output within bf16 rounding."""
+    from sora.dit import DiTConfig, WanDiT
+
+    assert "matmul" in available_backends()
+    check_backend("matmul")
+    model = WanDiT(DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=24, freq_dim=32)).eval()
+    assert model.attention_backend == "sdpa"
+    assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {"sdpa"}
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        x, context = torch.randn(1, 16, 2, 8, 8, generator=gen), torch.randn(1, 7, 24, generator=gen)
+        t = torch.tensor([500.0])
+        expected = model(x, t, context)
+        model.set_compute(dtype=torch.bfloat16)
+        sdpa_bf16 = model(x, t, context)
+        model.set_compute(attention="matmul")
+        out = model(x, t, context)
+    assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {"matmul"}
+    tol = 4 * 2**-8 * 2**0.5  # benchmarks/dit_forward.py's bf16 bound for 2 layers
+    assert not torch.equal(out, sdpa_bf16)  # the matmul path ran
+    for result in (out, sdpa_bf16):
+        assert (result - expected).abs().max() <= tol * expected.abs().max()
+
+
+@pytest.mark.usefixtures("fresh_manager")
+def test_the_loader_node_offers_and_sets_the_matmul_backend():
+    from sora.nodes import loaders
+
+    assert "matmul" in loaders.SoraModelLoader.INPUT_TYPES()["required"]["attention"][0]
+    handle = loaders.SoraModelLoader().load(loaders.NANO, "default", "bf16", "matmul", loaders.AUTO_EXPERT)[0]
+    assert handle.model.attention_backend == "matmul"
+    assert {m.backend for m in handle.model.modules() if hasattr(m, "backend")} == {"matmul"}

@@ -256,8 +256,8 @@ def test_unknown_shapes(tmp_path, original):
 def test_missing_attention_backend(tmp_path, original, monkeypatch):
     save_file(original, tmp_path / "full.safetensors")
     monkeypatch.setattr(attention_module.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(InputError, match=r"pip install flash-attn.*Available here: \['sdpa'\]"):
+    with pytest.raises(InputError, match=r"pip install flash-attn.*Available here: \['sdpa', 'matmul'\]"):
         load_dit(tmp_path / "full.safetensors", attention="flash_attn")
     with pytest.raises(InputError, match="unknown attention backend 'flash'"):
         load_dit(tmp_path / "full.safetensors", attention="flash")
-    assert attention_module.available_backends() == ["sdpa"]
+    assert attention_module.available_backends() == ["sdpa", "matmul"]
