@@ -17,4 +17,5 @@ def cpu() -> str:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                 platform.processor() or "unknown CPU")
-    return f"{name}, {'AMX' if 'amx_bf16' in info else 'no AMX'}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{name}, {'AMX' if 'amx_bf16' in info else 'no AMX'}, {threads} thread{'s' if threads != 1 else ''}"

@@ -50,6 +50,7 @@ from sora.samplers import sample
 from sora.schedules import flow_sigmas
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine
 from nano_quality import cases  # the benchmark prompts, one definition
 
 START, END = 0.2, 1.0
@@ -276,7 +277,7 @@ def main() -> None:
     count = args.prompts or (8 if args.quick else 32)
     prompts = cases()[:count]
     pipe = NanoPipeline.load()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(f"torch {torch.__version__}, cpu: {machine.cpu()}")
 
     best = None
     for steps in () if args.skip_nano else (20, 50):
