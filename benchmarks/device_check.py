@@ -25,7 +25,12 @@ Steps (each one runs on its own: an error is recorded in its row and the next st
    1.3B-shaped self-attention (12 heads x 128, 32,760 tokens) in bf16: time, TFLOP/s, error against float32.
 6. fp8: `ops.fp8_linear` (torch._scaled_mm) on a 1.3B FFN product against bf16, and the 1.3B forward loaded with
    `FP8_E4M3FN_FAST` against bf16: time, error, and whether every block Linear took the fp8 path.
-7. sampling: a random 1.3B, 50 UniPC steps with guidance 5 (both passes batched) at 480p / 81 frames, then a
+7. compile: the 1.3B forward in bf16 through Sora Compile Blocks (`sora.compile`, one block graph for every
+   layer, dynamic token and text lengths) against eager: the first call (compilation included), the steady-state
+   time of back-to-back pairs and its speedup (issue 20's C, measured on a GPU), and the difference against
+   eager. Fails when inductor cannot build here (the reason is the row's result) or the difference passes two
+   bf16 bounds.
+8. sampling: a random 1.3B, 50 UniPC steps with guidance 5 (both passes batched) at 480p / 81 frames, then a
    random Wan 2.1 VAE decodes the clip: time and peak memory of placing the DiT, sampling and decoding. It runs
    last, being the longest, so that a slow decode cannot crowd the other steps out of the deadline (--deadline:
    a step that would start after it is skipped and counts as failed).
@@ -77,6 +82,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sora import compile as compiled_blocks
 from sora import memory, ops, samplers
 from sora.attention import attention, available_backends
 from sora.checkpoints import load_into
@@ -723,12 +729,41 @@ def fp8_product_row(plan: Plan) -> Row:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# 7. compiled blocks
+# ------------------------------------------------------------------------------------------------------------------
+
+def check_compile(plan: Plan) -> list[Row]:
+    device, name = plan.device, f"{plan.name} forward, compiled blocks"
+    reason = compiled_blocks.unavailable(device)
+    if reason is not None:
+        return [Row("compile", name, False, None, None, f"not measured: {reason}")]
+    eager = ModelHandle(our_dit(plan.dit, device), plan.name)
+    fast = compiled_blocks.compile_blocks(eager, device=device)
+    inputs = dit_inputs(plan, plan.dit, plan.latent)
+    with torch.no_grad():
+        expected = eager(*inputs)  # warm-up
+        out, first_s, _ = measured(lambda: fast(*inputs), device)
+        _, _, peak = measured(lambda: fast(*inputs), device, extra=True)
+        seconds, seconds_eager, ratio = paired_times(lambda: fast(*inputs), lambda: eager(*inputs),
+                                                     max(plan.repeats, 3), device)
+    disabled = next(w.disabled for w in fast.wrappers if isinstance(w, compiled_blocks.CompiledBlocks)) \
+        if fast is not eager else "compile_blocks returned the eager handle"
+    error, bound = rel_err(out, expected), 2 * bf16_tolerance(plan.dit.num_layers)  # two bf16 forwards
+    ok = disabled is None and error <= bound and bool(torch.isfinite(out).all())
+    return [Row("compile", name, ok, seconds, peak,
+                (f"fell back to eager: {disabled}; " if disabled else "")
+                + f"{tokens_of(plan.dit, plan.latent)} tokens; first call {first_s:.1f} s (compilation included), "
+                f"steady {seconds * 1e3:.0f} ms vs eager {seconds_eager * 1e3:.0f} ms: compile_speedup="
+                f"{1 / ratio:.2f}; err {error:.2e} vs eager (bound {bound:.2e})")]
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------------------------
 
 STEPS: dict[str, Callable[[Plan], list[Row]]] = {  # in the order they run
     "tests": check_tests, "dit": check_dit, "streaming": check_streaming, "oom": check_oom,
-    "attention": check_attention, "fp8": check_fp8, "sampling": check_sampling}
+    "attention": check_attention, "fp8": check_fp8, "compile": check_compile, "sampling": check_sampling}
 
 
 @dataclass
