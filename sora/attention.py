@@ -104,6 +104,19 @@ def _sdpa(q, k, v, key_counts):
     return out.transpose(1, 2).to(dtype)  # [B, Lq, heads, d]
 
 
+def workspace_bytes(backend: str, *, batch: int, queries: int, keys: int, heads: int, head_dim: int,
+                    dtype: torch.dtype) -> int:
+    """Working memory of one `attention` call beyond q, k, v and its output. For "matmul" with 16-bit inputs: the
+    scaled queries, the keys laid out for the product, and per chunk the scores, their softmax (each at most
+    `CHUNK_BYTES`) and the chunk's output. 0 for the fused kernels (their workspace is O(queries))."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    if backend != "matmul" or size > 2:
+        return 0
+    row = batch * heads * keys * size  # one query's scores
+    rows = min(queries, max(1, CHUNK_BYTES // row))
+    return 2 * rows * row + (queries + keys + rows) * batch * heads * head_dim * size
+
+
 def _matmul(q, k, v):
     B, Lq, heads, d = q.shape
     Lk = k.shape[1]

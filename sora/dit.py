@@ -30,6 +30,7 @@ from torch import nn
 
 from . import ops
 from .attention import attention, check_backend
+from .attention import workspace_bytes as attention_workspace_bytes
 from .checkpoints import StateDict, build, describe, load_state_dict, read_metadata, strip_prefix
 from .errors import CheckpointError, InputError
 from .rope import apply_rope, rope_table
@@ -339,7 +340,7 @@ class Head(nn.Module):
 # ------------------------------------------------------------------------------------------------------------------
 
 def dit_activation_bytes(config: DiTConfig, *, batch: int, tokens: int, compute_dtype: torch.dtype,
-                         per_token_timesteps: bool) -> int:
+                         per_token_timesteps: bool, attention_workspace: int = 0) -> int:
     """Peak bytes of the tensors one WanDiT forward keeps alive besides its weights (and the per-call weight
     upcast of `sora.ops.weight_workspace_bytes`).
 
@@ -347,7 +348,8 @@ def dit_activation_bytes(config: DiTConfig, *, batch: int, tokens: int, compute_
     D = dim, F = ffn_dim, c = bytes per element of the compute dtype and float32 residuals (4 bytes):
       self-attention: the block input x, the modulated norm h (4D each); q, k, v in c (3cD); while RoPE rotates k,
         its float32 copy and the complex product (8D)                                              -> (16 + 3c)·D
-        (during attention itself: x, h, q, k, v and the output: (8 + 5c)·D, never more for c <= 4)
+        (during attention itself: x, h, q, k, v and the output: (8 + 5c)·D, plus the kernel's workspace,
+        `attention_workspace` bytes for the whole batch: `sora.attention.workspace_bytes`)
       feed-forward: the block input held by the caller, the new residual x, h (12D), the hidden layer and its GELU
         (2cF)                                                                                      -> 12D + 2cF
         projecting back: 12D, the GELU output (cF), the projection (cD), its float32 copy and the new x (8D)
@@ -357,15 +359,16 @@ def dit_activation_bytes(config: DiTConfig, *, batch: int, tokens: int, compute_
                                                                                                       + 4·in_dim·patch
     Per sample: the embedded text context and the cross-attention keys and values, text_len·D·(4 + 4c) at most.
     Not included: the attention kernel's own workspace (flash / memory-efficient kernels need O(tokens); the math
-    fallback would need batch·heads·tokens² more). `tests/test_memory_streaming.py` checks the estimate against
-    the tensors actually alive during a forward.
+    fallback would need batch·heads·tokens² more), beyond `attention_workspace`.
+    `tests/test_memory_streaming.py` checks the estimate against the tensors actually alive during a forward.
     """
     D, F, c = config.dim, config.ffn_dim, torch.empty(0, dtype=compute_dtype).element_size()
-    per_token = max((16 + 3 * c) * D, 12 * D + 2 * c * F, 20 * D + c * F + c * D)
-    per_token += 12 * D if per_token_timesteps else 0
-    per_token += 4 * config.head_dim + 4 * config.in_dim * math.prod(config.patch_size)
+    blocks = max(batch * tokens * max((16 + 3 * c) * D, 12 * D + 2 * c * F, 20 * D + c * F + c * D),
+                 batch * tokens * (8 + 5 * c) * D + attention_workspace)
+    per_token = (12 * D if per_token_timesteps else 0) + 4 * config.head_dim + 4 * config.in_dim * math.prod(
+        config.patch_size)
     per_sample = config.text_len * D * (4 + 4 * c)
-    return batch * (tokens * per_token + per_sample)
+    return blocks + batch * (tokens * per_token + per_sample)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -444,15 +447,20 @@ class WanDiT(nn.Module):
 
     def activation_bytes(self, args: tuple, kwargs: dict) -> int:
         """Working memory of the call `self(*args, **kwargs)` besides the resident weights: the tensors of
-        `dit_activation_bytes` plus the largest per-call weight upcast. The memory manager plans each call with it."""
+        `dit_activation_bytes` (with the attention backend's workspace: the "matmul" backend's chunk of scores)
+        plus the largest per-call weight upcast. The memory manager plans each call with it."""
         x = args[0] if args else kwargs["x"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         samples = list(x) if isinstance(x, (list, tuple)) else list(x.unbind(0)) if x.ndim == 5 else [x]
         patch = math.prod(self.config.patch_size)
         tokens = max(s[0].numel() // patch for s in samples)  # per sample: T·H·W / patch
         per_token = torch.as_tensor(timestep).ndim == 2
+        kernel = attention_workspace_bytes(self.attention_backend, batch=len(samples), queries=tokens, keys=tokens,
+                                           heads=self.config.num_heads, head_dim=self.config.head_dim,
+                                           dtype=self.compute_dtype)
         return (dit_activation_bytes(self.config, batch=len(samples), tokens=tokens, compute_dtype=self.compute_dtype,
-                                     per_token_timesteps=per_token) + ops.weight_workspace_bytes(self))
+                                     per_token_timesteps=per_token, attention_workspace=kernel)
+                + ops.weight_workspace_bytes(self))
 
     def forward(self, x: torch.Tensor | list[torch.Tensor], timestep: torch.Tensor, context: torch.Tensor, *,
                 image: torch.Tensor | None = None, vace: Sequence[tuple[torch.Tensor, float]] = (),

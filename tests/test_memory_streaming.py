@@ -149,11 +149,12 @@ class LiveBytes(TorchDispatchMode):
 @pytest.mark.parametrize("dim, ffn_dim, heads, dtype, per_token", [
     (64, 384, 2, torch.float32, False), (64, 384, 2, torch.float32, True), (64, 384, 2, torch.bfloat16, False),
     (64, 384, 2, torch.bfloat16, True), (128, 512, 2, torch.float32, False)])
-def test_activation_estimate_bounds_the_measured_peak(dim, ffn_dim, heads, dtype, per_token):
+@pytest.mark.parametrize("backend", ["sdpa", "matmul"])
+def test_activation_estimate_bounds_the_measured_peak(dim, ffn_dim, heads, dtype, per_token, backend):
     config = DiTConfig(dim=dim, ffn_dim=ffn_dim, num_heads=heads, num_layers=2, text_dim=24, text_len=16,
                        freq_dim=16)
     model = WanDiT(config).eval().requires_grad_(False)
-    model.set_compute(dtype=dtype)
+    model.set_compute(dtype=dtype, attention=backend)
     x, t, context = inputs(batch=2, frames=4, size=16, per_token=per_token)
     existing = {tensor.untyped_storage().data_ptr() for tensor in (*model.parameters(), *model.buffers(), x, t,
                                                                     context)}
