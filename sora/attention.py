@@ -9,7 +9,9 @@ Backends:
   (measured on an AMD EPYC without AMX, 12 heads x 128: 0.59x SDPA's time at 1,024 tokens, 0.80x at 3,510). The
   scores of each chunk are held in the inputs' dtype (one more rounding than the fused kernel, which keeps them
   float32), and a chunk's scores take at most `CHUNK_BYTES`. Float32 inputs, for which SDPA is the faster, and
-  counted keys, whose log-count bias needs float32 scores, go to "sdpa". Opt-in: "sdpa" stays the default.
+  counted keys, whose log-count bias needs float32 scores, go to "sdpa"; so do calls inside torch.compile, whose
+  graph would unroll the chunk loop for one token count and compile again for every video size. Opt-in: "sdpa"
+  stays the default.
 
 flash-attn and SageAttention only take fp16/bf16; other inputs run in bf16 there, as the Wan reference does,
 and the result comes back in the query's dtype.
@@ -69,7 +71,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_counts: 
     identical keys each key stands for: 0 drops a key (padding), n > 1 weighs it as n copies, which lets a caller
     pass a run of repeated keys once. Returns [B, Lq, heads, d] in q's dtype.
     """
-    if backend == "sdpa" or (backend == "matmul" and (key_counts is not None or q.dtype == torch.float32)):
+    if backend == "matmul" and (key_counts is not None or q.dtype == torch.float32 or _compiling()):
+        backend = "sdpa"
+    if backend == "sdpa":
         return _sdpa(q, k, v, key_counts)
     if backend == "matmul":
         return _matmul(q, k, v)
@@ -115,6 +119,11 @@ def workspace_bytes(backend: str, *, batch: int, queries: int, keys: int, heads:
     row = batch * heads * keys * size  # one query's scores
     rows = min(queries, max(1, CHUNK_BYTES // row))
     return 2 * rows * row + (queries + keys + rows) * batch * heads * head_dim * size
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and compiler.is_compiling()
 
 
 def _matmul(q, k, v):

@@ -51,6 +51,28 @@ def test_compiled_blocks_match_eager_with_one_graph_for_every_layer_and_size():
 
 
 @torch.no_grad()
+def test_the_matmul_attention_compiles_one_graph_for_every_size_too():
+    """The "matmul" backend's chunk loop depends on the token count: inside the compiled block attention runs as
+    SDPA, so that a new video size does not compile again. bf16: the outputs agree within bf16 rounding
+    (4·eps·sqrt(layers) of the largest output, benchmarks/dit_forward.py's bound)."""
+    reason = compiled_blocks.unavailable("cpu")
+    if reason is not None:
+        pytest.skip(f"inductor cannot build here: {reason}")
+    model = tiny_dit()
+    model.set_compute(dtype=torch.bfloat16, attention="matmul")
+    eager = ModelHandle(model, "tiny")
+    fast = compiled_blocks.compile_blocks(eager, compiled_blocks.CompileSettings(), "cpu")
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    for size in ((2, 4, 4), (3, 4, 6), (2, 6, 8)):
+        x, t, context = inputs(*size)
+        out, expected = fast(x, t, context), eager(x, t, context)
+        assert (out - expected).abs().max() <= 4 * 2**-8 * 3**0.5 * expected.abs().max()
+    assert fast.wrappers[0].disabled is None
+    assert counters["stats"]["unique_graphs"] - before == 1
+
+
+@torch.no_grad()
 def test_blocks_patched_by_a_lora_keep_their_patches():
     reason = compiled_blocks.unavailable("cpu")
     if reason is not None:
