@@ -71,7 +71,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_counts: 
     identical keys each key stands for: 0 drops a key (padding), n > 1 weighs it as n copies, which lets a caller
     pass a run of repeated keys once. Returns [B, Lq, heads, d] in q's dtype.
     """
-    if backend == "matmul" and (key_counts is not None or q.dtype == torch.float32 or _compiling()):
+    if backend == "matmul" and (key_counts is not None or q.dtype == torch.float32
+                               or torch.compiler.is_compiling()):
         backend = "sdpa"
     if backend == "sdpa":
         return _sdpa(q, k, v, key_counts)
@@ -116,14 +117,13 @@ def workspace_bytes(backend: str, *, batch: int, queries: int, keys: int, heads:
     size = torch.empty(0, dtype=dtype).element_size()
     if backend != "matmul" or size > 2:
         return 0
-    row = batch * heads * keys * size  # one query's scores
-    rows = min(queries, max(1, CHUNK_BYTES // row))
-    return 2 * rows * row + (queries + keys + rows) * batch * heads * head_dim * size
+    rows = min(queries, _chunk_rows(batch * heads * keys * size))
+    return 2 * rows * batch * heads * keys * size + (queries + keys + rows) * batch * heads * head_dim * size
 
 
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return compiler is not None and compiler.is_compiling()
+def _chunk_rows(row_bytes: int) -> int:
+    """Queries per "matmul" chunk whose scores (`row_bytes` per query) fit in `CHUNK_BYTES`."""
+    return max(1, CHUNK_BYTES // row_bytes)
 
 
 def _matmul(q, k, v):
@@ -133,7 +133,7 @@ def _matmul(q, k, v):
     keys = k.permute(0, 2, 3, 1)  # [B, heads, d, Lk]
     values = v.transpose(1, 2)  # [B, heads, Lk, d]
     out = q.new_empty(B, Lq, heads, d)
-    rows = max(1, CHUNK_BYTES // (B * heads * Lk * q.element_size()))
+    rows = _chunk_rows(B * heads * Lk * q.element_size())
     for start in range(0, Lq, rows):
         scores = torch.matmul(q[:, :, start:start + rows], keys)  # [B, heads, rows, Lk]
         out[:, start:start + rows] = torch.matmul(scores.softmax(dim=-1), values).transpose(1, 2)
